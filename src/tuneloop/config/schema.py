@@ -1,0 +1,165 @@
+"""The run config: one typed object, the single source of truth for every default.
+
+Keys are flat and named as Axolotl / LLaMA-Factory users already know them (``base_model``, ``lora_r``,
+``learning_rate``...), so a config can be read without opening the docs. The model is frozen: a stage receives
+a validated config and never changes it; a derived config is a new object (``model_copy(update=...)``).
+Each field's description is the documentation: ``docs/config.md`` is generated from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_MODEL_ALIAS = "smollm2-135m-instruct"
+
+
+class RunConfig(BaseModel):
+    """Everything one fine-tuning run needs, from data to evaluation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- model -------------------------------------------------------------------------------------------
+    base_model: str = Field(
+        EMBEDDED_MODEL_ALIAS,
+        description=(
+            "Model to fine-tune: the embedded alias `smollm2-135m-instruct`, a local Hugging Face directory, "
+            "a `.gguf` file, or a hub id (needs network or a populated cache). GGUF files are dequantized once "
+            "and cached as safetensors."
+        ),
+    )
+
+    # --- data --------------------------------------------------------------------------------------------
+    task: str = Field(
+        "classification",
+        description="Task type; decides how rows become conversations and which metrics evaluation reports.",
+    )
+    train_file: Path = Field(
+        ..., description="Training data (JSONL or CSV/TSV). Relative paths resolve against the config file."
+    )
+    validation_file: Path | None = Field(
+        None, description="Validation data: validation loss each epoch. Same formats as `train_file`."
+    )
+    test_file: Path | None = Field(None, description="Held-out test data used by `tuneloop eval`.")
+    text_column: str = Field("text", description="CSV/JSONL column holding the input text (classification).")
+    label_column: str = Field("label", description="CSV/JSONL column holding the label (classification).")
+    labels: tuple[str, ...] | None = Field(
+        None, description="Label set (classification). Default: the sorted distinct labels of `train_file`."
+    )
+    system_prompt: str | None = Field(
+        None,
+        description=(
+            "System message put before every conversation that has none. Classification default: an "
+            "instruction that lists the labels. Stored with the run and reused by predict, chat and serve."
+        ),
+    )
+    max_seq_len: int = Field(512, ge=16, description="Longest rendered example, in tokens, prompt included.")
+    truncation: Literal["error", "drop"] = Field(
+        "error",
+        description=(
+            "What to do with an example longer than `max_seq_len`: `error` stops with its file and line, "
+            "`drop` skips it and counts it in the data report. Examples are never cut silently."
+        ),
+    )
+
+    # --- adapter -----------------------------------------------------------------------------------------
+    adapter: str = Field("lora", description="Fine-tuning method, looked up in the adapter registry: `lora`, `dora`, `full`.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: tuple[str, ...] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names that get adapters, or `all-linear` for every linear layer but the output head.",
+    )
+
+    # --- training ----------------------------------------------------------------------------------------
+    epochs: int = Field(3, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides `epochs` when reached first)."
+    )
+    learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (per device).")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Micro-batches per optimizer step. The loss is normalised by the trained tokens of the whole "
+            "accumulated batch, so equal `batch_size * grad_accum` gives the same updates."
+        ),
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision; `auto` picks bf16 where the device supports it, else fp32."
+    )
+    seed: int = Field(42, description="Seeds data order, adapter init and dropout: same seed, same run.")
+    logging_steps: int = Field(5, ge=1, description="Write a `metrics.jsonl` line every N optimizer steps.")
+    save_every_steps: int | None = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps (a checkpoint is always written each epoch)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk; older ones are deleted.")
+
+    # --- evaluation --------------------------------------------------------------------------------------
+    eval_batch_size: int = Field(16, ge=1, description="Prompts per generation batch during evaluation.")
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer during evaluation.")
+    few_shot_k: int = Field(6, ge=0, description="Examples from the training data in the few-shot baseline prompt.")
+    baselines: tuple[Literal["base", "few_shot"], ...] = Field(
+        ("base", "few_shot"),
+        description="Baselines evaluated next to the fine-tuned model: `base` (zero-shot) and `few_shot`.",
+    )
+
+    # --- output ------------------------------------------------------------------------------------------
+    output_dir: Path = Field(
+        Path("runs/run"), description="Run directory: config, checkpoints, adapter, metrics, eval. Relative to the working directory."
+    )
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _one_module_is_a_list(cls, value: object) -> object:
+        if isinstance(value, str) and value != "all-linear":
+            return (value,)
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from tuneloop.tasks import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; known: {', '.join(sorted(TASKS))}")
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, value: str) -> str:
+        from tuneloop.adapters import ADAPTER_METHODS
+
+        if value not in ADAPTER_METHODS:
+            raise ValueError(f"unknown adapter {value!r}; known: {', '.join(sorted(ADAPTER_METHODS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _labels_are_distinct(self) -> RunConfig:
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        return self
+
+    def resolve_paths(self, base_dir: Path) -> RunConfig:
+        """Return a copy whose data paths are absolute, relative ones taken from ``base_dir``."""
+
+        def absolute(path: Path | None) -> Path | None:
+            if path is None or path.is_absolute():
+                return path
+            return (base_dir / path).resolve()
+
+        return self.model_copy(
+            update={
+                "train_file": absolute(self.train_file),
+                "validation_file": absolute(self.validation_file),
+                "test_file": absolute(self.test_file),
+            }
+        )

@@ -1,0 +1,8 @@
+"""Task types, looked up by name (``task:`` in the config): prompt framing, answer parsing, scoring.
+
+Import-light on purpose: config validation reads :data:`TASKS`, and metric libraries load on first use.
+"""
+
+from tuneloop.tasks.registry import INVALID, TASKS, Task, TaskSpec, classification_prompt, get_task, parse_label
+
+__all__ = ["INVALID", "TASKS", "Task", "TaskSpec", "classification_prompt", "get_task", "parse_label"]

@@ -1,0 +1,49 @@
+"""Seeded, resumable batch order and padding.
+
+The order of epoch ``e`` is a pure function of ``(seed, e)``, so a resumed run replays exactly the batches
+an uninterrupted one would have seen. Examples of similar length share a batch (sorted within shuffled
+chunks), which cuts padding without making the order predictable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tuneloop.data.render import IGNORE_INDEX
+from tuneloop.data.types import EncodedExample
+
+SORT_CHUNK_BATCHES = 16
+
+
+def epoch_batches(examples: Sequence[EncodedExample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of every batch of one epoch, deterministic in ``(seed, epoch)``."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    chunk = batch_size * SORT_CHUNK_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        block = sorted(order[start : start + chunk], key=lambda i: len(examples[i].input_ids))
+        batches += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss (after the causal shift: the first position is never a target)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
