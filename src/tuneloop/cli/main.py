@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from tuneloop.cli import commands
+from tuneloop.cli.data import data_app
 
 app = typer.Typer(
     name="tuneloop",
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+app.add_typer(data_app, name="data")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", exists=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set epochs=2")]

@@ -76,8 +76,11 @@ def write_rows(path: str | Path, rows: Rows, fieldnames: Sequence[str] | None = 
             f"cannot write {path.suffix or 'files without a suffix'!r}; use one of {', '.join(WRITERS)}",
         )
     columns = list(fieldnames) if fieldnames is not None else _columns(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise DataError(str(path), f"cannot write here: {exc.strerror or exc}") from None
     os.close(handle)
     try:
         writer(Path(temporary), rows, columns)
