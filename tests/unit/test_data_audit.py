@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.data import Conversation, Message, RowRef
-from tuneloop.data.audit import AuditOptions, TokenSettings, audit, blocking_problems
+from tuneloop.data import Conversation, DataError, Message, RowRef
+from tuneloop.data.audit import AuditOptions, TokenSettings, audit, blocking_problems, require_no_leakage
 from tuneloop.data.scan import scan_file
 
 pytestmark = pytest.mark.unit
@@ -165,3 +165,15 @@ def test_blocking_problems_sees_exact_and_near_leakage_between_conversations():
     }
     assert all(p.blocking for p in problems)
     assert blocking_problems(train, {"validation": validation[1:]}) == []
+
+
+def test_require_no_leakage_names_the_rows_and_the_opt_out():
+    train = [_convo("refund my second charge please", "billing", 1)]
+    leaked = [_convo("refund my second charge please", "billing", 4, "test.jsonl")]
+    with pytest.raises(
+        DataError,
+        match=r"^test\.jsonl: 1 test rows are exact copies .*test\.jsonl:4: same input as "
+        r"train\.jsonl:1.*allow_data_leakage: true",
+    ):
+        require_no_leakage(train, {"validation": [], "test": leaked})
+    require_no_leakage(train, {"validation": [], "test": []})  # nothing leaked: no error

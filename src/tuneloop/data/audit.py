@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from tuneloop.data.audit_context import AuditContext, AuditOptions, TokenSettings
 from tuneloop.data.checks import AUDIT_CHECKS, check_leakage
+from tuneloop.data.errors import DataError
 from tuneloop.data.findings import AuditReport, Distribution, FileStats, Finding
 from tuneloop.data.near_duplicates import DEFAULT_THRESHOLD
 from tuneloop.data.scan import ScanResult, labels_repeat
@@ -30,8 +31,8 @@ __all__ = [
     "TokenSettings",
     "audit",
     "blocking_problems",
+    "require_no_leakage",
 ]
-
 
 
 def audit(
@@ -102,3 +103,28 @@ def blocking_problems(
         [("train", as_scan(train_path, train)), *scans.items()], AuditOptions(near_threshold=threshold), False
     )
     return check_leakage(ctx)
+
+
+def require_no_leakage(
+    train: Sequence[Conversation],
+    others: dict[str, Sequence[Conversation]],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> None:
+    """Raise :class:`DataError` naming the leaked rows, if :func:`blocking_problems` finds any.
+
+    The message says how to fix it and how to opt out, so ``train`` needs no wording of its own.
+    """
+    problems = blocking_problems(train, others, threshold)
+    if not problems:
+        return
+    parts = []
+    for finding in problems:
+        example = finding.examples[0] if finding.examples else None
+        shown = f" (e.g. {example.ref}: {example.detail})" if example else ""
+        parts.append(f"{finding.message}{shown}")
+    raise DataError(
+        problems[0].file,
+        "; ".join(parts) + ". Scores on leaked rows measure memory, not skill: remove them "
+        "(`tuneloop data audit` lists them all, `tuneloop data split` makes leakage-free splits), "
+        "or set allow_data_leakage: true to train anyway",
+    )

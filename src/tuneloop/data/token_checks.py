@@ -83,7 +83,7 @@ def analyse_tokens(scan: ScanResult, settings: TokenSettings, max_examples: int)
     answer_lengths = []
     for conversation, example in encoded:
         prompt_len, answer_len = _final_answer(example)
-        answer_lengths.append(answer_len)
+        answer_lengths.append(answer_len - 1)  # the answer itself, without its end-of-turn token
         total = len(example.input_ids)
         ref = str(conversation.source)
         if prompt_len >= limit:
@@ -92,8 +92,9 @@ def analyse_tokens(scan: ScanResult, settings: TokenSettings, max_examples: int)
             answer_cut.append(
                 RowExample(ref, f"{total} tokens; {total - limit} of the answer's {answer_len} would not fit")
             )
-        if answer_len > settings.max_new_tokens:
-            budget.append(RowExample(ref, f"answer is {answer_len} tokens"))
+        # the answer's own tokens must fit the generation budget; its end-of-turn token may be cut
+        if answer_len - 1 > settings.max_new_tokens:
+            budget.append(RowExample(ref, f"answer {conversation.answer[:40]!r} is {answer_len - 1} tokens"))
     findings = []
 
     def add(check: str, rows: list[RowExample], message: str, kind: str | None = None) -> None:
@@ -126,7 +127,7 @@ def analyse_tokens(scan: ScanResult, settings: TokenSettings, max_examples: int)
     add(
         "answer_over_generation_budget",
         budget,
-        f"{{n}} answers are longer than max_new_tokens={settings.max_new_tokens} tokens (end-of-turn included): "
+        f"{{n}} answers are longer than max_new_tokens={settings.max_new_tokens} tokens: "
         "evaluation and serving would cut them",
     )
     add("template", failed, "{n} rows cannot be rendered with the chat template", "render_error")
