@@ -46,6 +46,21 @@ TICKETS = [
     ("best way to start a first project", "onboarding"),
 ]
 
+VALIDATION = [
+    ("my receipt shows the old price", "billing"),
+    ("clicking save does nothing at all", "bug_report"),
+    ("what is a guest account for", "onboarding"),
+]
+
+TEST = [
+    ("why did the renewal cost more", "billing"),
+    ("please send a copy of last invoice", "billing"),
+    ("timeline view flickers and goes white", "bug_report"),
+    ("search returns nothing since update", "bug_report"),
+    ("can you show me how templates work", "onboarding"),
+    ("is there a training video for admins", "onboarding"),
+]
+
 
 def _build_tiny_model(folder: Path) -> None:
     import torch
@@ -116,8 +131,8 @@ def tiny_dataset(tmp_path: Path) -> dict[str, Path]:
     """train/validation/test CSVs of the three-label toy ticket task."""
     return {
         "train": write_csv(tmp_path / "train.csv", TICKETS),
-        "validation": write_csv(tmp_path / "validation.csv", TICKETS[::4]),
-        "test": write_csv(tmp_path / "test.csv", TICKETS[1::2]),
+        "validation": write_csv(tmp_path / "validation.csv", VALIDATION),
+        "test": write_csv(tmp_path / "test.csv", TEST),
     }
 
 

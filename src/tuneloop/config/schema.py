@@ -63,6 +63,13 @@ class RunConfig(BaseModel):
             "`drop` skips it and counts it in the data report. Examples are never cut silently."
         ),
     )
+    allow_data_leakage: bool = Field(
+        False,
+        description=(
+            "Train even when validation/test rows are exact or near copies of training rows "
+            "(`tuneloop data audit` lists them). Off: train stops and names the leaked rows."
+        ),
+    )
 
     # --- adapter -----------------------------------------------------------------------------------------
     adapter: str = Field("lora", description="Fine-tuning method, looked up in the adapter registry: `lora`, `dora`, `full`.")

@@ -25,6 +25,7 @@ from transformers import get_scheduler
 from tuneloop.adapters import get_adapter_method
 from tuneloop.config import RunConfig, dump_config
 from tuneloop.data import ChatRenderer, EncodedExample, encode_dataset
+from tuneloop.data.audit import require_no_leakage
 from tuneloop.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
 from tuneloop.registry import file_fingerprint, software_versions, write_json_atomic
 from tuneloop.registry.records import RECORD_FILE
@@ -33,7 +34,7 @@ from tuneloop.train.batching import collate, epoch_batches, trained_tokens
 from tuneloop.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneloop.train.loss import TrainedTokenLoss
 from tuneloop.train.observer import SilentObserver, TrainObserver
-from tuneloop.train.prepare import prepare_data
+from tuneloop.train.prepare import load_split, prepare_data
 
 
 class RunDirectoryError(RuntimeError):
@@ -69,6 +70,9 @@ def run(
     tokenizer = load_tokenizer(source)
     renderer = ChatRenderer(tokenizer)
     data = prepare_data(config)
+    if not config.allow_data_leakage:
+        test = load_split(config, config.test_file, data.spec)
+        require_no_leakage(data.train, {"validation": data.validation, "test": test})
     train_set, train_report = encode_dataset(renderer, data.train, config.max_seq_len, config.truncation)
     val_set, val_report = encode_dataset(renderer, data.validation, config.max_seq_len, config.truncation)
     if not train_set:
