@@ -24,7 +24,8 @@ pytestmark = [
 ]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support-triage"
-PINNED_FIRST_LOSS = None  # filled below once measured
+# Mean loss per trained token at step 1 (32 tickets, seed 42, fp32), measured on the CI machine kind.
+PINNED_FIRST_LOSS = 5.9498
 
 
 def head(source: Path, target: Path, n: int) -> Path:
@@ -62,10 +63,8 @@ def test_embedded_model_whole_loop(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 4
-    print("first loss", steps[0]["loss"], "last loss", steps[-1]["loss"])
-    assert steps[-1]["loss"] < steps[0]["loss"]
-    if PINNED_FIRST_LOSS is not None:
-        assert steps[0]["loss"] == pytest.approx(PINNED_FIRST_LOSS, rel=0.02)
+    assert steps[0]["loss"] == pytest.approx(PINNED_FIRST_LOSS, rel=0.02)
+    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
 
     adapter = tmp_path / "run" / "adapter"
     meta = json.loads((adapter / "tuneloop.json").read_text())
