@@ -3,6 +3,15 @@
 Import-light on purpose: config validation reads :data:`TASKS`, and metric libraries load on first use.
 """
 
-from tuneloop.tasks.registry import INVALID, TASKS, Task, TaskSpec, classification_prompt, get_task, parse_label
+from tuneloop.tasks.registry import (
+    INVALID,
+    TASKS,
+    Statistic,
+    Task,
+    TaskSpec,
+    classification_prompt,
+    get_task,
+    parse_label,
+)
 
-__all__ = ["INVALID", "TASKS", "Task", "TaskSpec", "classification_prompt", "get_task", "parse_label"]
+__all__ = ["INVALID", "TASKS", "Statistic", "Task", "TaskSpec", "classification_prompt", "get_task", "parse_label"]
