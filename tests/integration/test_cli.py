@@ -76,3 +76,18 @@ def test_bad_data_row_names_file_and_line(tmp_path, tiny_model_dir, tiny_dataset
     assert result.exit_code == 1
     assert "broken.jsonl:3: field 'text': must be a string, got int" in result.output.replace("\n", "")
     assert "Traceback" not in result.output
+
+
+def test_chat_reads_turns_from_stdin(tmp_path, tiny_model_dir, tiny_dataset):
+    config = write_config(tmp_path, tiny_model_dir, tiny_dataset)
+    assert runner.invoke(app, ["train", config]).exit_code == 0
+    result = runner.invoke(app, ["chat", str(tmp_path / "run")], input="hello there\nand again\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("model>") == 2
+
+
+def test_predict_on_a_folder_without_a_run_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path), "hi"])
+    assert result.exit_code == 1
+    assert "no trained model here" in " ".join(result.output.split())
+    assert "Traceback" not in result.output

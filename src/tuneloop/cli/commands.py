@@ -41,14 +41,10 @@ def train(console: Console, path: Path, overrides: list[str], resume: bool, over
 
 
 def evaluate(console: Console, path: Path, overrides: list[str]) -> None:
-    from tuneloop import evaluate as evaluate_stage
-    from tuneloop.cli.progress import RichEvalProgress
+    """Evaluate and print (``cli/eval.py``); exits 3 when the config's gate fails."""
+    from tuneloop.cli import eval as eval_cli
 
-    config = _config(path, overrides)
-    with RichEvalProgress(console) as progress:
-        result = evaluate_stage.run(config, progress=progress)
-    console.print(_metrics_table(result.metrics))
-    console.print(f"predictions: {result.predictions_path}")
+    eval_cli.evaluate(console, _config(path, overrides))
 
 
 def predict(console: Console, run_dir: Path, text: str) -> None:
@@ -106,14 +102,9 @@ SYSTEM_NAMES = {"base": "base model, zero-shot", "few_shot": "base model, few-sh
 
 
 def _metrics_table(metrics: dict[str, dict[str, Any]], title: str = "evaluation") -> Table:
-    table = Table(title=title)
-    for column in ("model", "accuracy", "macro-F1", "invalid answers"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for system in ("base", "few_shot", "finetuned"):
-        if system in metrics:
-            m = metrics[system]
-            table.add_row(SYSTEM_NAMES[system], f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['invalid']}/{m['n']}")
-    return table
+    from tuneloop.cli.eval import metrics_table
+
+    return metrics_table(metrics, title=title)
 
 
 def _fmt(value: float | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,9 @@ from rich.console import Console
 
 from tuneloop.cli import commands
 from tuneloop.cli.data import data_app
+from tuneloop.cli.estimate import estimate_command
+from tuneloop.cli.export import export_command
+from tuneloop.cli.serve import serve_command
 
 app = typer.Typer(
     name="tuneloop",
@@ -21,6 +25,9 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(data_app, name="data")
+app.command("estimate")(estimate_command)
+app.command("export")(export_command)
+app.command("serve")(serve_command)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", exists=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set epochs=2")]
@@ -34,6 +41,7 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @app.command()

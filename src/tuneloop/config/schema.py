@@ -16,6 +16,111 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED_MODEL_ALIAS = "smollm2-135m-instruct"
 
 
+# --- evaluation: endpoint baselines, LLM judge, release gate (step 4; owned by evaluate/) ---------------------
+_LOCAL_SYSTEMS = ("finetuned", "base", "few_shot")
+
+
+class EndpointBaseline(BaseModel):
+    """An OpenAI-compatible chat endpoint answering the same test prompts, as one more baseline column."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, description="Column name in reports and metrics.json, e.g. `gpt-4o-mini`.")
+    base_url: str = Field(
+        ..., description="API root that has `/chat/completions`, e.g. `https://api.openai.com/v1` or a tuneloop server."
+    )
+    model: str = Field(..., description="The `model` sent with every request.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (the key never goes in the config)."
+    )
+    few_shot: bool = Field(False, description="Send the few-shot examples as earlier turns, like the `few_shot` baseline.")
+    max_tokens: int | None = Field(None, ge=1, description="Answer budget per request; default `max_new_tokens`.")
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0.0, description="Seconds before one request is retried (3 attempts in all).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_local_system(cls, value: str) -> str:
+        if value in _LOCAL_SYSTEMS:
+            raise ValueError(f"{value!r} is the name of a built-in system; choose another name for the endpoint")
+        return value
+
+
+class JudgeConfig(BaseModel):
+    """LLM-as-judge: an OpenAI-compatible model grades answers against a rubric; verdicts are cached on disk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(..., description="API root of the judge, with `/chat/completions` under it.")
+    model: str = Field(..., description="Judge model name sent with every request.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
+    rubric: str = Field(
+        ..., min_length=1, description="What a good answer is, in plain words; the judge grades against it."
+    )
+    mode: Literal["pointwise", "pairwise"] = Field(
+        "pointwise",
+        description=(
+            "`pointwise`: each system's answer gets a 1-10 score. `pairwise`: the fine-tune against each "
+            "baseline, judged twice with the answers' positions swapped; a win needs both orders to agree."
+        ),
+    )
+    systems: tuple[str, ...] | None = Field(
+        None, description="Systems judged (pointwise) or compared with the fine-tune (pairwise); default all."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="Judge at most this many test examples (a seeded sample), to bound cost."
+    )
+    concurrency: int = Field(4, ge=1, le=64, description="Judge requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0.0, description="Seconds before one judge request is retried.")
+    cache_dir: Path | None = Field(
+        None,
+        description=(
+            "Where verdicts are cached, keyed by a hash of (model, rubric, prompt, answers); default "
+            "`~/.cache/tuneloop/judge`. Relative to the working directory."
+        ),
+    )
+
+
+class GateConfig(BaseModel):
+    """Release gate: conditions the fine-tune must meet, else ``tuneloop eval`` exits non-zero (3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_metric: dict[str, float] = Field(
+        default_factory=dict,
+        description="Floors on the fine-tune's metrics, e.g. `{macro_f1: 0.9}` (any numeric metric of the task).",
+    )
+    min_gain: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description=(
+            "Smallest lead over a baseline, metric by metric, e.g. `{base: {macro_f1: 0.05}}` "
+            "(fine-tuned minus baseline, in the metric's own units)."
+        ),
+    )
+    require_significant: bool = Field(
+        False,
+        description="Every `min_gain` lead must also be significant: its paired bootstrap 95% interval above zero.",
+    )
+    max_regression_drop: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Largest allowed drop of the regression-check pass rate from base to fine-tune, e.g. `0.02` "
+            "(2 points). Needs `regression_check`."
+        ),
+    )
+    max_format_bleed: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Largest allowed share of general prompts the fine-tune answers in the task's format.",
+    )
+
+
+# --- end of step-4 section ------------------------------------------------------------------------------------
+
+
 class RunConfig(BaseModel):
     """Everything one fine-tuning run needs, from data to evaluation."""
 
@@ -114,10 +219,70 @@ class RunConfig(BaseModel):
     eval_batch_size: int = Field(16, ge=1, description="Prompts per generation batch during evaluation.")
     max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer during evaluation.")
     few_shot_k: int = Field(6, ge=0, description="Examples from the training data in the few-shot baseline prompt.")
-    baselines: tuple[Literal["base", "few_shot"], ...] = Field(
+    baselines: tuple[Literal["base", "few_shot"] | EndpointBaseline, ...] = Field(
         ("base", "few_shot"),
-        description="Baselines evaluated next to the fine-tuned model: `base` (zero-shot) and `few_shot`.",
+        description=(
+            "Baselines evaluated next to the fine-tuned model: `base` (zero-shot), `few_shot`, and any "
+            "OpenAI-compatible endpoint as `{name, base_url, model, api_key_env, few_shot, max_tokens, "
+            "concurrency, timeout_s}` (see docs/evaluation.md)."
+        ),
     )
+    # --- evaluation, step 4 (owned by evaluate/): task metrics, confidence, regression, judge, gate ------------
+    json_schema: Path | None = Field(
+        None,
+        description="JSON Schema the answers of a `json` task must validate against. Relative to the config file.",
+    )
+    bootstrap_samples: int = Field(
+        1000,
+        ge=0,
+        description="Bootstrap resamples for the 95% intervals and the paired significance tests (0: none).",
+    )
+    regression_check: bool = Field(
+        True,
+        description=(
+            "Score base and fine-tune on tuneloop's general-purpose prompt set, to catch forgetting and the "
+            "task's format bleeding into unrelated answers."
+        ),
+    )
+    regression_prompts: Path | None = Field(
+        None,
+        description="Own regression prompt set (JSONL, docs/evaluation.md); default the set shipped with tuneloop.",
+    )
+    regression_max_new_tokens: int = Field(48, ge=1, description="Generation budget per regression-check answer.")
+    judge: JudgeConfig | None = Field(
+        None,
+        description=(
+            "LLM-as-judge: `{base_url, model, api_key_env, rubric, mode: pointwise|pairwise, systems, "
+            "max_examples, concurrency, timeout_s, cache_dir}` (see docs/evaluation.md). Off when unset."
+        ),
+    )
+    gate: GateConfig | None = Field(
+        None,
+        description=(
+            "Release gate for `tuneloop eval`: `{min_metric, min_gain, require_significant, max_regression_drop, "
+            "max_format_bleed}` (see docs/evaluation.md); the command exits 3 when it fails. Off when unset."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _evaluation_fits_together(self) -> RunConfig:
+        names = [b.name for b in self.baselines if isinstance(b, EndpointBaseline)]
+        if len(set(names)) != len(names):
+            raise ValueError("baselines: endpoint names must be distinct")
+        if self.gate is not None and self.gate.max_regression_drop is not None and not self.regression_check:
+            raise ValueError("gate.max_regression_drop needs regression_check: true")
+        if self.gate is not None and self.gate.max_format_bleed is not None and not self.regression_check:
+            raise ValueError("gate.max_format_bleed needs regression_check: true")
+        return self
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _known_baselines(cls, value: object) -> object:
+        for item in value if isinstance(value, (list, tuple)) else ():
+            if isinstance(item, str) and item not in ("base", "few_shot"):
+                raise ValueError(f"unknown baseline {item!r}; use base, few_shot or an endpoint mapping {{name, base_url, model}}")
+        return value
+    # --- end of step-4 evaluation fields ----------------------------------------------------------------------
 
     # --- output ------------------------------------------------------------------------------------------
     output_dir: Path = Field(
@@ -168,5 +333,7 @@ class RunConfig(BaseModel):
                 "train_file": absolute(self.train_file),
                 "validation_file": absolute(self.validation_file),
                 "test_file": absolute(self.test_file),
+                "json_schema": absolute(self.json_schema),  # step 4
+                "regression_prompts": absolute(self.regression_prompts),  # step 4
             }
         )
