@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP surface: request/response models (``protocol``) and FastAPI routes (``routes``)."""
