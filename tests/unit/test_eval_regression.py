@@ -38,6 +38,12 @@ def test_shipped_set_is_varied_and_valid():
         ("list-colors", "Red, blue and green.", True),
         ("list-colors", "Red.", False),
         ("count-three", "1, 2, 3", True),
+        ("week-days", "A week has seven days.", True),
+        ("year-months", "A year is 365 days, so 365 * 12 = 312 months.", False),  # first new number: 365
+        ("multiply-small", "3 times 4 is 12", True),
+        ("add-tens", "10 + 20 = 20", False),  # echoes the question's numbers, answers none
+        ("reasoning-taller", "Ann.", True),
+        ("reasoning-taller", "Tom is shorter than Ann.", False),
     ],
 )
 def test_checks(prompt_id, answer, ok):

@@ -248,7 +248,7 @@ class RunConfig(BaseModel):
         None,
         description="Own regression prompt set (JSONL, docs/evaluation.md); default the set shipped with tuneloop.",
     )
-    regression_max_new_tokens: int = Field(48, ge=1, description="Generation budget per regression-check answer.")
+    regression_max_new_tokens: int = Field(32, ge=1, description="Generation budget per regression-check answer.")
     judge: JudgeConfig | None = Field(
         None,
         description=(

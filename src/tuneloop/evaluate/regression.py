@@ -30,6 +30,9 @@ from tuneloop.tasks.base import mean_statistic
 
 SHIPPED = "regression_prompts.jsonl"
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen".split()
+)}
 
 
 @dataclass(frozen=True)
@@ -40,25 +43,34 @@ class RegressionPrompt:
     check: Mapping[str, Any]
 
 
-def _contains_any(text: str, check: Mapping[str, Any]) -> bool:
+def _contains_any(text: str, check: Mapping[str, Any], prompt: str) -> bool:
     return any(str(v).lower() in text for v in check["values"])
 
 
-def _count_any(text: str, check: Mapping[str, Any]) -> bool:
+def _count_any(text: str, check: Mapping[str, Any], prompt: str) -> bool:
     return sum(str(v).lower() in text for v in check["values"]) >= int(check.get("min", 1))
 
 
-def _regex(text: str, check: Mapping[str, Any]) -> bool:
+def _regex(text: str, check: Mapping[str, Any], prompt: str) -> bool:
     return re.search(check["pattern"], text) is not None
 
 
-def _number(text: str, check: Mapping[str, Any]) -> bool:
-    wanted = float(check["value"])
-    return any(float(n.replace(",", ".")) == wanted for n in _NUMBER.findall(text))
+def _numbers(text: str) -> list[float]:
+    for word, digit in _NUMBER_WORDS.items():
+        text = re.sub(rf"\b{word}\b", digit, text)
+    return [float(n.replace(",", ".")) for n in _NUMBER.findall(text)]
 
 
-# check type -> (required keys, test on the lower-cased answer)
-CHECKS: dict[str, tuple[tuple[str, ...], Callable[[str, Mapping[str, Any]], bool]]] = {
+def _number(text: str, check: Mapping[str, Any], prompt: str) -> bool:
+    """The answer's first number that is not already in the prompt: "2 + 3 = 5" answers 5, while
+    "365 * 12 = 312 months" answers 365 (wrong), and echoing the question's numbers answers nothing."""
+    given = set(_numbers(prompt.lower()))
+    fresh = [n for n in _numbers(text) if n not in given]
+    return bool(fresh) and fresh[0] == float(check["value"])
+
+
+# check type -> (required keys, test on the lower-cased answer given the prompt)
+CHECKS: dict[str, tuple[tuple[str, ...], Callable[[str, Mapping[str, Any], str], bool]]] = {
     "contains_any": (("values",), _contains_any),
     "count_any": (("values", "min"), _count_any),
     "regex": (("pattern",), _regex),
@@ -67,7 +79,7 @@ CHECKS: dict[str, tuple[tuple[str, ...], Callable[[str, Mapping[str, Any]], bool
 
 
 def passes(prompt: RegressionPrompt, answer: str) -> bool:
-    return CHECKS[prompt.check["type"]][1](answer.strip().lower(), prompt.check)
+    return CHECKS[prompt.check["type"]][1](answer.strip().lower(), prompt.check, prompt.prompt)
 
 
 def load_prompts(path: Path | None = None) -> list[RegressionPrompt]:

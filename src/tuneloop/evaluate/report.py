@@ -224,15 +224,18 @@ def _regression(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         if base.get(name) is None:
             continue
         c = vs.get(name)
-        verdict = "&ndash;" if c is None else f"{c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], p={c['p_value']:.3f}"
-        rows.append([label, _num(base[name]) + _ci(base.get("ci95", {}).get(name)), _num(ours[name]) + _ci(ours.get("ci95", {}).get(name)), verdict])
-    table = _table(["", "base", "fine-tuned", "change (95% CI)"], rows, [False, True, True, True])
+        change = ["&ndash;"] * 3 if c is None else [f"{c['delta']:+.3f}", f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _num(c["p_value"], 3)]
+        rows.append([label, _num(base[name]) + _ci(base.get("ci95", {}).get(name)), _num(ours[name]) + _ci(ours.get("ci95", {}).get(name)), *change])
+    table = _table(["", "base", "fine-tuned", "change", "95% CI", "p"], rows, [False, True, True, True, True, True])
     categories = sorted(set(base["per_category"]) | set(ours["per_category"]))
+    def passed(result: Mapping[str, Any], category: str) -> str:
+        counts = result["per_category"].get(category, {})
+        return f"{counts.get('passed', 0)}/{counts.get('n', 0)}"
+
     per_category = _table(
-        ["category", "base", "fine-tuned"],
-        [[_e(c), f"{base['per_category'].get(c, {}).get('passed', 0)}/{base['per_category'].get(c, {}).get('n', 0)}",
-          f"{ours['per_category'].get(c, {}).get('passed', 0)}/{ours['per_category'].get(c, {}).get('n', 0)}"] for c in categories],
-        [False, True, True],
+        ["passed", *[_e(c) for c in categories]],
+        [[who, *[passed(result, c) for c in categories]] for who, result in (("base", base), ("fine-tuned", ours))],
+        [False, *[True] * len(categories)],
     )
     forgotten = [(b, o) for b, o in zip(base["answers"], ours["answers"]) if (b["passed"] and not o["passed"]) or o["format_bleed"]]
     cases = ""
@@ -248,7 +251,7 @@ def _regression(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         "asked without the task's system prompt, each checked by a rule. A drop means forgetting; answers in the task's "
         "format (a bare label, a JSON object) to unrelated prompts mean format bleed.</p>"
     )
-    return "<h2>Regression check</h2>" + note + '<div class="grid">' + table + per_category + "</div>" + cases
+    return "<h2>Regression check</h2>" + note + table + per_category + cases
 
 
 def _judge(judge: Mapping[str, Any] | None) -> str:
