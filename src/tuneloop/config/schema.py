@@ -177,7 +177,9 @@ class RunConfig(BaseModel):
     )
 
     # --- adapter -----------------------------------------------------------------------------------------
-    adapter: str = Field("lora", description="Fine-tuning method, looked up in the adapter registry: `lora`, `dora`, `full`.")
+    adapter: str = Field(
+        "lora", description="Fine-tuning method, looked up in the adapter registry: `lora`, `dora`, `qlora`, `full`."
+    )
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -214,6 +216,90 @@ class RunConfig(BaseModel):
         None, ge=1, description="Also checkpoint every N optimizer steps (a checkpoint is always written each epoch)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk; older ones are deleted.")
+
+    # --- training methods, early stopping, tracking (step 3; owned by train/ and adapters/) ---------------
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description=(
+            "Training recipe: `sft` (supervised, loss on the answers) or `dpo` (direct preference optimisation "
+            "on `prompt`/`chosen`/`rejected` rows; the reference model is the frozen base with the adapter "
+            "switched off, so no second copy is held in memory)."
+        ),
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA: scale adapters by alpha/sqrt(r) instead of alpha/r (helps large ranks)."
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description=(
+            "`adamw` (torch), or bitsandbytes' `adamw_8bit` (quarter of the optimizer memory), `paged_adamw` / "
+            "`paged_adamw_8bit` (state in paged memory that spills to the host under pressure; GPU only)."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass: much less memory, ~30% slower.",
+    )
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also compute validation loss, and checkpoint, every N optimizer steps (always at each epoch end).",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Stop after this many validations in a row without the validation loss improving by "
+            "`early_stopping_min_delta`. Needs `validation_file`. Off when unset."
+        ),
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="Smallest drop in validation loss that counts as an improvement."
+    )
+    select_best_checkpoint: bool = Field(
+        False,
+        description=(
+            "Save the weights of the validation with the lowest loss as the run's artefact instead of the last "
+            "ones; that checkpoint is kept on disk beyond `keep_checkpoints`. Needs `validation_file`."
+        ),
+    )
+    init_adapter: Path | None = Field(
+        None,
+        description=(
+            "Start from a trained run's adapter (its run directory or `adapter/` folder) instead of a fresh one, "
+            "e.g. DPO after SFT. Relative to the working directory."
+        ),
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0.0, description="DPO temperature: how far the policy may move from the reference (higher: less)."
+    )
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] | Literal["auto", "none"] = Field(
+        "auto",
+        description=(
+            "Experiment trackers: `auto` (TensorBoard under output_dir/tensorboard when installed), `none`, or a "
+            "list of `tensorboard`, `wandb`, `mlflow` (each an optional install)."
+        ),
+    )
+    tracking_project: str = Field("tuneloop", description="W&B project / MLflow experiment name for `report_to`.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: object) -> object:
+        if isinstance(value, str) and value not in ("auto", "none"):
+            return (value,)
+        return value
+
+    @model_validator(mode="after")
+    def _methods_fit_together(self) -> RunConfig:
+        needs_validation = [
+            key for key in ("early_stopping_patience", "select_best_checkpoint") if getattr(self, key)
+        ]
+        if needs_validation and self.validation_file is None:
+            raise ValueError(f"{', '.join(needs_validation)} needs validation_file")
+        if self.method == "dpo" and self.adapter == "full":
+            raise ValueError("method dpo needs an adapter (the reference is the base with the adapter off), not full")
+        return self
+    # --- end of step-3 section -------------------------------------------------------------------------
 
     # --- evaluation --------------------------------------------------------------------------------------
     eval_batch_size: int = Field(16, ge=1, description="Prompts per generation batch during evaluation.")

@@ -4,6 +4,10 @@ A checkpoint is written into a hidden temporary folder, every file fsynced, a ``
 last, then the folder renamed to ``step-N``. A kill at any moment leaves either a complete checkpoint or a
 temporary folder that :func:`latest_checkpoint` ignores. Tensors go to safetensors, everything else to JSON:
 nothing is ever unpickled on resume.
+
+Under several processes every rank calls :func:`save_checkpoint` (sharded FSDP2 tensors are gathered, a
+collective every rank must join) and only the ``writer`` touches the disk; each rank's RNG state is stored
+under its own prefix so dropout continues per rank.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class TrainerState:
     batches_done_in_epoch: int
     fingerprint: str
     best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
 
 
 def _fsync_file(path: Path) -> None:
@@ -47,8 +54,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank must call it), or the tensor itself."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``target``: sharded the same way when ``target`` is an FSDP2 DTensor."""
+    mesh = getattr(target, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(target.dtype), mesh, target.placements)
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: _full(p.detach()).cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """This process's torch (and CUDA) RNG state."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+NEST = "/"  # joins the keys of nested optimizer state (bitsandbytes wraps its quantization state in a dict)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}{NEST}"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *outer, last = key.split(NEST)
+        target = nested
+        for part in outer:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return nested
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -56,9 +111,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
-        for key, value in values.items():
+        for key, value in _flatten(values).items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = _full(value.detach()).cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -71,21 +126,30 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
+    *,
+    protect_step: int | None = None,
+    writer: bool = True,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``folder/step-N`` atomically and prune to the newest ``keep`` complete checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``folder/step-N`` atomically and prune to the newest ``keep`` complete checkpoints.
+
+    ``protect_step``: a checkpoint never pruned (the best one, for best-checkpoint selection).
+    ``writer``: whether this process writes (all ranks gather, rank 0 writes). ``rng``: RNG states to store,
+    default this process's.
+    """
     final = folder / f"{PREFIX}{state.step}"
+    weights = trainable_state(model)
+    optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    if not writer:
+        return final
+    folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".tmp-{PREFIX}{state.step}-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    save_file(trainable_state(model), staging / "trainable.safetensors")
-    optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    save_file(weights, staging / "trainable.safetensors")
     save_file(optimizer_tensors, staging / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, staging / "rng.safetensors")
+    save_file(rng if rng is not None else capture_rng(), staging / "rng.safetensors")
     meta = {
         "trainer": asdict(state),
         "optimizer": optimizer_meta,
@@ -103,7 +167,10 @@ def save_checkpoint(
     staging.rename(final)
     _fsync_dir(folder)
     for old in complete_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != f"{PREFIX}{protect_step}":
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed mid-write
     return final
 
 
@@ -124,9 +191,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG in place; return where training stood."""
-    meta = json.loads((path / "state.json").read_text())
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's trained weights into ``model`` (resume, or picking the best checkpoint)."""
     weights = load_file(path / "trainable.safetensors")
     parameters = dict(model.named_parameters())
     missing = [name for name in weights if name not in parameters]
@@ -134,25 +200,48 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise ValueError(f"{path}: checkpoint has parameters the model lacks: {missing[:3]}")
     with torch.no_grad():
         for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
+            target = parameters[name]
+            target.copy_(_like(tensor.to(target.device), target))
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0
+) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG in place; return where training stood."""
+    meta = json.loads((path / "state.json").read_text())
+    load_weights(path, model)
     optimizer_tensors = load_file(path / "optimizer.safetensors")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in optimizer_tensors.items():
         index, name = key.split(".", 1)
+        param = params[int(index)] if int(index) < len(params) else None
+        if param is not None and getattr(param, "device_mesh", None) is not None and tensor.dim() > 0:
+            tensor = _like(tensor.to(param.device), param)  # FSDP2: moments are sharded like their parameter
         state.setdefault(int(index), {})[name] = tensor
     for index, values in meta["optimizer"]["scalars"].items():
         state.setdefault(int(index), {}).update(values)
+    state = {index: _nest(values) for index, values in state.items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(path / "rng.safetensors")
+    rng = _rng_of_rank(rng, rank)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
-        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+        cuda_states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return TrainerState(**meta["trainer"])
+
+
+def _rng_of_rank(rng: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Rank 0's states are stored unprefixed (a single-process checkpoint), rank r's as ``rank{r}.*``."""
+    prefix = f"rank{rank}."
+    if rank and f"{prefix}torch" in rng:
+        return {k.removeprefix(prefix): v for k, v in rng.items() if k.startswith(prefix)}
+    return {k: v for k, v in rng.items() if not k.startswith("rank")}
 
 
 def _json_random_state() -> list[Any]:

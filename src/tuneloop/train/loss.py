@@ -6,6 +6,11 @@ trained positions before the head computes logits only where loss is taken.
 
 The loss is returned as a *sum* with its token count; the caller divides by the trained tokens of the
 whole accumulated batch, so gradient accumulation never changes the loss.
+
+When many tokens are trained (long answers, long sequences), the fp32 logits of all of them would be the
+largest tensor of the step (2,048 tokens x 128k vocabulary = 1 GiB, several times over for the softmax and
+its gradient). Above :data:`LOGIT_ELEMENTS_PER_CHUNK` the head and loss run in chunks whose logits are
+recomputed in the backward pass instead of kept, so at most one chunk's logits exist at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +22,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneloop.data.render import IGNORE_INDEX
+
+LOGIT_ELEMENTS_PER_CHUNK = 1 << 26  # 64M logits: 256 MiB in fp32 per copy
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Trained positions per head/loss chunk for a vocabulary (also used by the memory estimate)."""
+    return max(128, LOGIT_ELEMENTS_PER_CHUNK // max(vocab_size, 1))
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)``; above ``chunk`` rows, in checkpointed chunks."""
+    if hidden.shape[0] <= chunk or not torch.is_grad_enabled():
+        return _head_loss(head, hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        piece = slice(start, start + chunk)
+        total = total + checkpoint(_head_loss, head, hidden[piece], targets[piece], use_reentrant=False)
+    return total
 
 
 def _backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module] | None:
@@ -43,6 +72,7 @@ class TrainedTokenLoss(nn.Module):
         super().__init__()
         self.model = model
         self._parts = _backbone_and_head(model)
+        self.chunk = chunk_tokens(self._parts[1].weight.shape[0]) if self._parts is not None else 0
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -52,10 +82,9 @@ class TrainedTokenLoss(nn.Module):
         count = keep.sum()
         if self._parts is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-            selected = logits[keep]
+            loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
         else:
             decoder, head = self._parts
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            selected = head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(selected.float(), targets[keep], reduction="sum")
+            loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], self.chunk)
         return loss, count
