@@ -1,0 +1,249 @@
+"""How much GPU memory a run needs, before it starts: ``tuneloop estimate CONFIG``.
+
+The model's parameters are counted exactly (the architecture is built on PyTorch's ``meta`` device from its
+``config.json``: no weights are read). Memory is then the sum of
+
+* **weights** by precision: bf16/fp16 2 bytes, fp32 4 (full fine-tuning keeps fp32 master weights), NF4
+  ~0.52 bytes for QLoRA's quantized linear layers (embeddings, norms and the head stay in bf16);
+* **adapters**, their **gradients** and **optimizer state** (fp32; AdamW 8 bytes per trained parameter,
+  8-bit AdamW ~2);
+* **activations** saved for the backward pass at ``batch_size x max_seq_len`` tokens, with and without
+  gradient checkpointing (then only each layer's input is kept, and one layer is recomputed at a time);
+* the **logits** of trained tokens (chunked above :func:`~tuneloop.train.loss.chunk_tokens`) and
+  transients: autocast's bf16 weight copies (full fine-tuning), the optimizer step's temporaries,
+  dequantizing one 4-bit layer.
+
+Activation bytes per token and layer are linear in the layer's widths. The coefficients below were
+measured on an NVIDIA H200 (torch 2.11, transformers 5.17, PEFT 0.21, bitsandbytes 0.50, bf16 autocast) by
+``bench/activation_probe.py``: the peak memory of a training step on small Llama-architecture models
+(hidden 256-512) at two depths and two lengths, whose double difference leaves the bytes one more token
+costs in one more layer; a least-squares fit over seven shapes gives the coefficients. They were then
+checked against the measured peaks of full-size shapes (135M, 1B, 8B) in ``bench/memory.py``
+(``docs/training.md``). They assume a Llama-like decoder (RMSNorm, gated MLP, SDPA attention); other
+architectures are estimated as if they were one. CPU runs differ (another attention kernel).
+Every token is assumed trained (``trained_fraction=1``) unless told otherwise: an upper bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneloop.adapters import get_adapter_method
+from tuneloop.config import RunConfig
+from tuneloop.train.loss import chunk_tokens
+from tuneloop.train.optim import get_optimizer_spec
+
+GIB = 1 << 30
+
+# Usable memory as the driver reports it (MiB), per GPU a user can name.
+GPUS: dict[str, int] = {
+    "T4 16GB": 15_360,
+    "RTX 4090 24GB": 24_564,
+    "A100 40GB": 40_960,
+    "A100 80GB": 81_920,
+    "H100 80GB": 81_559,
+    "H200 141GB": 143_771,
+}
+# CUDA context, cuBLAS workspaces and allocator slack that no tensor accounts for.
+RUNTIME_OVERHEAD_BYTES = 1 * GIB
+
+# Peak bytes per token per decoder layer, as coefficients of (hidden, q width, intermediate, LoRA rank, 1),
+# fitted by bench/activation_probe.py on an H200 (bench/results/activation-probe-h200.json).
+_PER_LAYER = {
+    "lora": (29.191, 14.448, 8.844, 62.113, -1368.4),  # LoRA dropout > 0 keeps a dropped copy of each input
+    "lora-no-dropout": (29.588, 8.022, 6.5, -58.105, 2983.8),
+    "qlora": (12.531, 12.986, 11.474, -105.964, 4729.8),
+    "dora": (40.912, 9.6, 15.833, -170.985, 7226.9),
+    "full": (28.034, 7.883, 8.403, 0.0, 841.6),
+}
+# With gradient checkpointing each layer keeps only its input hidden state: bf16, or fp32 for full fine-tuning
+# (fp32 master weights make the residual stream fp32). Exact: counted with saved-tensor hooks, any width.
+_CHECKPOINTED_BYTES_PER_HIDDEN = {"full": 4, "adapter": 2}
+_LOGIT_BYTES = 12  # peak per trained token and vocabulary entry of the chunked head + loss (probe: 12.0-12.08)
+
+
+def _coefficient_key(method: Any, dropout: float) -> str:
+    if not method.saves_adapter:
+        return "full"
+    if method.quantization is not None:
+        return "qlora"
+    if method.use_dora:
+        return "dora"
+    return "lora" if dropout > 0 else "lora-no-dropout"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about an architecture, counted on the meta device."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    q_width: int
+    kv_width: int
+    vocab: int
+    total_params: int
+    decoder_linear_params: int
+    largest_linear: int
+    linears: tuple[tuple[str, int, int], ...] = field(repr=False)  # (name, in, out) of the decoder's linears
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> ModelShape:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+        head = model.get_output_embeddings()
+        linears = tuple(
+            (name, module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        )
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        return cls(
+            hidden=hf_config.hidden_size,
+            intermediate=hf_config.intermediate_size,
+            layers=hf_config.num_hidden_layers,
+            q_width=heads * head_dim,
+            kv_width=(getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim,
+            vocab=hf_config.vocab_size,
+            total_params=sum(p.numel() for p in model.parameters()),
+            decoder_linear_params=sum(i * o for _, i, o in linears),
+            largest_linear=max((i * o for _, i, o in linears), default=0),
+            linears=linears,
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component for one setting of gradient checkpointing; ``peak`` is what the GPU must hold."""
+
+    gradient_checkpointing: bool
+    components: dict[str, int]
+    peak: int
+
+    def fits(self, capacity_mib: int) -> bool:
+        return self.peak + RUNTIME_OVERHEAD_BYTES <= capacity_mib * (1 << 20)
+
+
+@dataclass(frozen=True)
+class EstimateResult:
+    config_summary: dict[str, Any]
+    trainable_params: int
+    total_params: int
+    without_checkpointing: MemoryEstimate
+    with_checkpointing: MemoryEstimate
+
+    @property
+    def configured(self) -> MemoryEstimate:
+        return self.with_checkpointing if self.config_summary["gradient_checkpointing"] else self.without_checkpointing
+
+    def fits(self) -> dict[str, dict[str, bool]]:
+        return {
+            gpu: {"without": self.without_checkpointing.fits(mib), "with": self.with_checkpointing.fits(mib)}
+            for gpu, mib in GPUS.items()
+        }
+
+
+def targeted_linears(shape: ModelShape, targets: tuple[str, ...] | str) -> list[tuple[str, int, int]]:
+    """The linear layers LoRA wraps: all but the head for ``all-linear``, else those whose name ends in a target."""
+    if targets == "all-linear":
+        return list(shape.linears)
+    return [(n, i, o) for n, i, o in shape.linears if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def estimate(
+    config: RunConfig, shape: ModelShape, *, trained_fraction: float = 1.0, weight_bytes: float | None = None
+) -> EstimateResult:
+    """The memory ``config`` needs on one GPU, with and without gradient checkpointing.
+
+    ``weight_bytes``: bytes per weight of the compute precision (default bf16 = 2; fp32 runs pass 4).
+    """
+    method = get_adapter_method(config.adapter)
+    optimizer = get_optimizer_spec(config.optimizer)
+    low = weight_bytes or (4.0 if config.precision == "fp32" else 2.0)
+    full = not method.saves_adapter
+    tokens = config.batch_size * config.max_seq_len
+
+    if full:
+        trainable = shape.total_params
+        weights = shape.total_params * 4.0
+    else:
+        wrapped = targeted_linears(shape, config.lora_target_modules)
+        trainable = sum(config.lora_r * (i + o) + (o if method.use_dora else 0) for _, i, o in wrapped)
+        if method.quantization is not None:
+            quantized = shape.decoder_linear_params
+            weights = quantized * method.quantization.bytes_per_param + (shape.total_params - quantized) * 2.0
+        else:
+            weights = shape.total_params * low
+    static = {
+        "weights": int(weights),
+        "adapters": 0 if full else trainable * 4,
+        "optimizer_state": int(trainable * optimizer.state_bytes_per_param),
+    }
+    gradients = trainable * 4
+    key = _coefficient_key(method, config.lora_dropout)
+    widths = (shape.hidden, shape.q_width, shape.intermediate, 0 if full else config.lora_r, 1)
+
+    def per_token(table: dict[str, tuple[float, ...]], fallback: str) -> float:
+        coefficients = table.get(key) or table[fallback]
+        return max(0.0, sum(c * w for c, w in zip(coefficients, widths)))
+
+    trained = int(tokens * trained_fraction)
+    logits = _LOGIT_BYTES * shape.vocab * min(trained, chunk_tokens(shape.vocab)) + trained * shape.hidden * 2
+    edges = tokens * shape.hidden * 8  # embedding output and final norm
+    step_temporaries = 4 * trainable if optimizer.name == "adamw" else 0  # foreach AdamW's sqrt buffer
+    transient = {
+        "autocast_weight_copies": int(shape.decoder_linear_params * 2) if full and low == 2.0 else 0,
+        "dequantized_layer": int(shape.largest_linear * 2) if method.quantization is not None else 0,
+    }
+
+    def at(checkpointing: bool) -> MemoryEstimate:
+        one_layer = per_token(_PER_LAYER, "lora") * tokens
+        if checkpointing:
+            # the layers' inputs stay; the head's logits and the one layer being recomputed never coexist
+            # (the head's backward finishes before the first layer is recomputed)
+            kept = _CHECKPOINTED_BYTES_PER_HIDDEN["full" if full else "adapter"] * shape.hidden * tokens * shape.layers
+            activations = int(kept + one_layer)
+            working = kept + max(one_layer, logits)
+        else:
+            activations = int(one_layer * shape.layers)
+            working = activations + logits
+        forward_backward = working + edges + sum(transient.values()) + (gradients if not full else 0)
+        optimizer_step = gradients + step_temporaries
+        components = {
+            **static,
+            "gradients": gradients,
+            "activations": activations,
+            "logits": int(logits),
+            **transient,
+            "optimizer_step_temporaries": step_temporaries,
+        }
+        peak = sum(static.values()) + max(forward_backward, optimizer_step)
+        return MemoryEstimate(checkpointing, components, int(peak))
+
+    summary = {
+        "base_model": config.base_model,
+        "adapter": config.adapter,
+        "optimizer": config.optimizer,
+        "batch_size": config.batch_size,
+        "max_seq_len": config.max_seq_len,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "trained_fraction": trained_fraction,
+    }
+    return EstimateResult(summary, trainable, shape.total_params, at(False), at(True))
+
+
+def run(config: RunConfig, *, trained_fraction: float = 1.0) -> EstimateResult:
+    """Estimate for ``config``'s base model (its ``config.json`` is read; no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from tuneloop.models import resolve_model
+
+    source = resolve_model(config.base_model)
+    hf_config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
+    precision_bytes = 4.0 if config.precision == "fp32" else 2.0
+    return estimate(config, ModelShape.from_hf_config(hf_config), trained_fraction=trained_fraction, weight_bytes=precision_bytes)
