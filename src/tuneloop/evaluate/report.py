@@ -130,11 +130,17 @@ def _training(run_dir: Path) -> str:
 
 
 def _classification(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    parts = ["<h2>Classification details</h2>", '<div class="grid">']
+    labels = len((metrics.get("finetuned", {}).get("confusion") or {}).get("labels") or [])
+    # Side by side while the matrices stay legible; one under the other (full width) for many labels.
+    parts = ["<h2>Classification details</h2>", '<div class="grid">' if labels <= 16 else "<div>"]
     for system in ("finetuned", "base"):
         if "confusion" in metrics.get(system, {}):
             parts.append(_figure(plots.confusion_chart(metrics[system]["confusion"], _system_name(system)), f"confusion matrix, {_system_name(system)}"))
     parts.append("</div>")
+    confusions = _top_confusions(metrics.get("finetuned", {}).get("confusion") or {})
+    if confusions:
+        parts.append("<h3>Most frequent confusions (fine-tuned)</h3>")
+        parts.append(_table(["expected", "answered", "count"], [[_e(a), _e(b), str(n)] for a, b, n in confusions], [False, False, True]))
     per_label = metrics.get("finetuned", {}).get("per_label") or {}
     if per_label:
         systems = [s for s in metrics if metrics[s].get("per_label")]
@@ -146,6 +152,13 @@ def _classification(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         table = _table(header, rows, [False, *[True] * (len(header) - 1)])
         parts.append(f"<details><summary>Per-label scores ({len(rows)} labels, weakest first)</summary>{table}</details>")
     return "".join(parts)
+
+
+def _top_confusions(confusion: Mapping[str, Any], shown: int = 10) -> list[tuple[str, str, int]]:
+    """Off-diagonal cells, largest first: with dozens of labels, the readable summary of the matrix."""
+    labels, matrix = confusion.get("labels") or [], confusion.get("matrix") or []
+    cells = [(labels[i], labels[j], n) for i, row in enumerate(matrix) for j, n in enumerate(row) if i != j and n]
+    return sorted(cells, key=lambda cell: -cell[2])[:shown]
 
 
 def _json(metrics: Mapping[str, Mapping[str, Any]]) -> str:
