@@ -105,6 +105,10 @@ def test_gate_failure_exits_3_and_names_the_condition(tmp_path, trained_run):
     assert saved["passed"] is False
     assert [c["passed"] for c in saved["checks"]] == [False, True]
 
+    without = runner.invoke(app, ["eval", trained_run, "--set", "gate=null"])
+    assert without.exit_code == 0, without.output
+    assert not (tmp_path / "run" / "eval" / "gate.json").exists()  # no stale verdict left behind
+
 
 def test_gate_pass_exits_0(tmp_path, trained_run):
     result = runner.invoke(

@@ -177,10 +177,11 @@ def run(config: RunConfig, *, progress: ProgressCallback | None = None) -> EvalR
     gate = evaluate_gate(config.gate, metrics) if config.gate is not None else None
     eval_dir = Path(config.output_dir) / "eval"
     write_json_atomic(eval_dir / "metrics.json", metrics)
-    if judge is not None:
-        write_json_atomic(eval_dir / "judge.json", judge)
-    if gate is not None:
-        write_json_atomic(eval_dir / "gate.json", gate.as_dict())
+    for name, content in (("judge.json", judge), ("gate.json", gate.as_dict() if gate is not None else None)):
+        if content is not None:
+            write_json_atomic(eval_dir / name, content)
+        else:
+            (eval_dir / name).unlink(missing_ok=True)  # a stale verdict from an earlier config must not linger
     predictions_path = _write_predictions(eval_dir / "predictions.jsonl", test, references, outputs, predictions)
     headline = {s: {k: metrics[s].get(k) for k in task.headline} for s in metrics}
     result = EvalResult(
