@@ -22,12 +22,13 @@ from tuneloop.export.gguf_llama import direct_types, pre_tokenizer_name, write_l
 from tuneloop.export.merged import merged_fp32
 from tuneloop.export.options import ExportOptions, FormatOutput
 from tuneloop.export.roundtrip import (
+    LlamaCppRunner,
     check_gguf_tokenizer,
     check_greedy,
     check_llama_cpp_tokenizer,
+    check_texts,
     evaluate_exported,
     hf_generator,
-    llama_cpp_generator,
 )
 
 
@@ -109,8 +110,12 @@ def export_gguf(ctx: ExportContext, options: ExportOptions, out: Path) -> Format
 
     if native:
         context = min(int(ctx.config.max_seq_len) + int(ctx.config.max_new_tokens), positions)
-        details["llama_cpp_tokenizer_check"] = check_llama_cpp_tokenizer(ctx, path, context)
-        run_llama = llama_cpp_generator(path, context, stop_ids)
+        run_llama = LlamaCppRunner(path, context, stop_ids, check_texts(ctx))
+        run_llama(
+            ctx.prompt_ids(ctx.check_prompts), int(ctx.config.max_new_tokens)
+        )  # one load: answers + tokens
+        assert run_llama.tokenized is not None
+        details["llama_cpp_tokenizer_check"] = check_llama_cpp_tokenizer(ctx, run_llama.tokenized)
         output.roundtrips.append(
             check_greedy(ctx, f"gguf-{quant.name}", "llama-cpp-python", run_llama, threshold)
         )

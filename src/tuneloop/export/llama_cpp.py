@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -88,23 +89,66 @@ def run_isolated(
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
-    from llama_cpp import Llama
+    """Greedy decoding through llama.cpp's C API (llama-cpp-python's bindings), one prompt at a time.
 
-    llama = Llama(model_path=job["path"], n_ctx=job["context"], n_gpu_layers=0, verbose=False, seed=0)
+    ``use_extra_bufts`` is off: llama.cpp's repacked CPU weight layouts (AMX / repack buffers) segfault in
+    ``llama_decode`` for q8_0 and k-quant files on this project's machine (Xeon with AMX, llama-cpp-python
+    0.3.36), while the plain layout computes the same matmuls. The check is about the file, not the fastest
+    kernel, so the plain layout is used everywhere.
+    """
+    import ctypes
+
+    import llama_cpp as ll
+    import numpy as np
+
+    ll.llama_backend_init()
+    model_params = ll.llama_model_default_params()
+    model_params.n_gpu_layers = 0
+    model_params.use_extra_bufts = False
+    model = ll.llama_model_load_from_file(job["path"].encode(), model_params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {job['path']}")
+    context_params = ll.llama_context_default_params()
+    context_params.n_ctx = job["context"]
+    context_params.n_batch = job["context"]
+    context_params.n_threads = context_params.n_threads_batch = max(1, os.cpu_count() or 1)
+    ctx = ll.llama_init_from_model(model, context_params)
+    vocab = ll.llama_model_get_vocab(model)
+    n_vocab = ll.llama_vocab_n_tokens(vocab)
     stops = set(job["stop_ids"])
+
+    def decode(tokens: list[int]) -> int:
+        array = (ll.llama_token * len(tokens))(*tokens)
+        if ll.llama_decode(ctx, ll.llama_batch_get_one(array, len(tokens))) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = ll.llama_get_logits_ith(ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
+
     generated = []
+    cached: list[int] = []  # tokens whose keys/values are in the cache, in order
     for prompt in job["prompts"]:
-        llama.reset()
+        # keep the prefix shared with the previous prompt (system prompt, template), as llama.cpp's server does
+        keep = 0
+        while keep < min(len(cached), len(prompt) - 1) and cached[keep] == prompt[keep]:
+            keep += 1
+        ll.llama_memory_seq_rm(ll.llama_get_memory(ctx), -1, keep, -1)
         new: list[int] = []
-        for token in llama.generate(
-            prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
-        ):
-            if token in stops or len(new) >= job["max_new_tokens"]:
-                break
-            new.append(int(token))
+        token = decode(list(prompt[keep:]))
+        cached = list(prompt)
+        while token not in stops and len(new) < job["max_new_tokens"]:
+            new.append(token)
+            cached.append(token)
+            token = decode([token])
         generated.append(new)
-    tokenized = [llama.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in job["texts"]]
-    llama.close()
+    tokenized = []
+    for text in job["texts"]:
+        data = text.encode("utf-8")
+        buffer = (ll.llama_token * (len(data) + 8))()
+        count = ll.llama_tokenize(vocab, data, len(data), buffer, len(buffer), False, True)
+        tokenized.append([int(buffer[i]) for i in range(count)])
+    ll.llama_free(ctx)
+    ll.llama_model_free(model)
+    del ctypes
     return {"generated": generated, "tokenized": tokenized}
 
 

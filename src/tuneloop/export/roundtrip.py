@@ -8,6 +8,7 @@ can make answers differ. An export whose answers agree less often than its forma
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,14 +59,31 @@ def hf_generator(model: Any, pad_token_id: int, stop_ids: Sequence[int], batch_s
     return generate
 
 
-def llama_cpp_generator(path: Path, context: int, stop_ids: Sequence[int]) -> Generator:
-    """Greedy decoding by llama.cpp itself (llama-cpp-python, in a child process)."""
-    from tuneloop.export import llama_cpp
+class LlamaCppRunner:
+    """Greedy decoding by llama.cpp itself (in a child process), as a ``Generator``.
 
-    def generate(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        return llama_cpp.run_isolated(path, context, prompts, [], stop_ids, max_new_tokens)["generated"]
+    The first call also tokenizes ``texts`` with llama.cpp's tokenizer (kept in ``tokenized``), so checking
+    the file's tokenizer and its answers costs one model load; answers are cached per prompt list.
+    """
 
-    return generate
+    def __init__(self, path: Path, context: int, stop_ids: Sequence[int], texts: Sequence[str] = ()) -> None:
+        self.path, self.context, self.stop_ids, self.texts = path, context, list(stop_ids), list(texts)
+        self.tokenized: list[list[int]] | None = None
+        self._answers: dict[str, list[list[int]]] = {}
+
+    def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        from tuneloop.export import llama_cpp
+
+        key = json.dumps([[list(p) for p in prompts], max_new_tokens])
+        if key not in self._answers:
+            texts = self.texts if self.tokenized is None else []
+            reply = llama_cpp.run_isolated(
+                self.path, self.context, prompts, texts, self.stop_ids, max_new_tokens
+            )
+            if self.tokenized is None:
+                self.tokenized = reply["tokenized"]
+            self._answers[key] = reply["generated"]
+        return self._answers[key]
 
 
 def check_greedy(
@@ -150,7 +168,7 @@ def check_gguf_tokenizer(ctx: ExportContext, path: Path, pre: str) -> dict[str, 
         problems.append("chat template differs")
     if rebuilt.eos_token_id != trained.eos_token_id:
         problems.append(f"eos id {rebuilt.eos_token_id} != {trained.eos_token_id}")
-    texts = [trained.decode(ids) for ids in ctx.prompt_ids(ctx.check_prompts)]
+    texts = check_texts(ctx)
     same = sum(
         rebuilt.encode(t, add_special_tokens=False) == trained.encode(t, add_special_tokens=False)
         for t in texts
@@ -165,14 +183,17 @@ def check_gguf_tokenizer(ctx: ExportContext, path: Path, pre: str) -> dict[str, 
     return {"pre_tokenizer": pre, "identical_encodings": same, "n": len(texts), "encodings_checked": faithful}
 
 
-def check_llama_cpp_tokenizer(ctx: ExportContext, path: Path, context: int) -> dict[str, Any]:
-    """llama.cpp's own tokenizer (pre-tokenizer, merges, specials from the file) must match training's."""
-    from tuneloop.export import llama_cpp
+def check_texts(ctx: ExportContext) -> list[str]:
+    """The check prompts as text (special tokens written out), for tokenizer comparisons."""
+    return [ctx.tokenizer.decode(ids) for ids in ctx.prompt_ids(ctx.check_prompts)]
 
-    trained = ctx.tokenizer
-    texts = [trained.decode(ids) for ids in ctx.prompt_ids(ctx.check_prompts)]
-    tokenized = llama_cpp.run_isolated(path, context, [], texts, [], 0)["tokenized"]
-    same = sum(ids == trained.encode(t, add_special_tokens=False) for ids, t in zip(tokenized, texts))
+
+def check_llama_cpp_tokenizer(ctx: ExportContext, tokenized: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """llama.cpp's own tokenizer (pre-tokenizer, merges, specials from the file) must match training's."""
+    texts = check_texts(ctx)
+    same = sum(
+        list(ids) == ctx.tokenizer.encode(t, add_special_tokens=False) for ids, t in zip(tokenized, texts)
+    )
     if same != len(texts):
         raise ExportError(
             f"llama.cpp tokenizes only {same}/{len(texts)} check prompts like the training tokenizer"
