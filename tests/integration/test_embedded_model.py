@@ -54,6 +54,7 @@ def test_embedded_model_whole_loop(tmp_path):
         "logging_steps": 1,
         "few_shot_k": 2,
         "eval_batch_size": 12,
+        "regression_check": False,  # exercised on the tiny model; keeps this real-model test short on 2 cores
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
