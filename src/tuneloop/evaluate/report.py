@@ -41,6 +41,12 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _p(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "&ndash;"
+    return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def _ci(interval: Sequence[float] | None, digits: int = 3) -> str:
     if not interval:
         return ""
@@ -106,10 +112,10 @@ def _comparisons(result: EvalResult) -> str:
     for baseline, table in comparisons.items():
         for metric, c in table.items():
             css = {"better": "better", "worse": "worse"}.get(c["verdict"], "same")
-            mcnemar = _num(c.get("mcnemar_p"), 4) if "mcnemar_p" in c else "&ndash;"
+            mcnemar = _p(c.get("mcnemar_p"))
             rows.append([
                 _e(_system_name(baseline)), _e(metric.replace("_", " ")), f"{c['delta']:+.3f}",
-                f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _num(c["p_value"], 4), mcnemar,
+                f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _p(c["p_value"]), mcnemar,
                 f'<span class="{css}">{_e(c["verdict"])}</span>',
             ])
     header = ["fine-tuned vs", "metric", "difference", "95% CI", "bootstrap p", "McNemar p", "verdict"]
@@ -237,7 +243,7 @@ def _regression(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         if base.get(name) is None:
             continue
         c = vs.get(name)
-        change = ["&ndash;"] * 3 if c is None else [f"{c['delta']:+.3f}", f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _num(c["p_value"], 3)]
+        change = ["&ndash;"] * 3 if c is None else [f"{c['delta']:+.3f}", f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _p(c["p_value"])]
         rows.append([label, _num(base[name]) + _ci(base.get("ci95", {}).get(name)), _num(ours[name]) + _ci(ours.get("ci95", {}).get(name)), *change])
     table = _table(["", "base", "fine-tuned", "change", "95% CI", "p"], rows, [False, True, True, True, True, True])
     categories = sorted(set(base["per_category"]) | set(ours["per_category"]))
