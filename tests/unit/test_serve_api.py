@@ -306,3 +306,22 @@ def test_client_disconnect_frees_the_slot(adapters, tiny_model_dir, tmp_path):
         assert c.post("/v1/chat/completions", json=chat("A", "hello")).status_code == 200
     ends = [line.get("finish_reason") for line in running.server.log.recent if line.get("model") == "A"]
     assert ends[:2] == ["disconnected", "disconnected"] and ends[2] in ("stop", "length")
+
+
+def test_requests_that_outlive_the_timeout_get_504(adapters, tiny_model_dir, tmp_path):
+    settings = config(adapters, tiny_model_dir, tmp_path, api_key=None, request_timeout_s=0.001, batch_window_ms=50)
+    with BackgroundServer(settings) as running, httpx.Client(base_url=running.url, timeout=60) as c:
+        response = c.post("/v1/chat/completions", json=chat("A", "hello"))
+        assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
+        assert c.get("/health").json()["in_flight"] == 0
+
+
+def test_completions_stream(server):
+    with client(server) as c:
+        body = {"model": "A", "prompt": "hello", "max_tokens": 3, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(ch["object"] == "text_completion" for ch in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")

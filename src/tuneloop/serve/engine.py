@@ -14,6 +14,7 @@ adapter is never changed under a running forward, and the event loop never block
 from __future__ import annotations
 
 import hashlib
+import inspect
 import queue
 import random
 import threading
@@ -73,6 +74,9 @@ class Engine:
         self.tokenizer = load_tokenizer(self.source)
         self.model = load_causal_lm(self.source, self.setup.dtype, self.setup.device).eval()
         self.peft = False
+        # transformers 5.2x renamed the KV cache argument and output `past_key_values` -> `cache`
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
         self.template_sha256 = hashlib.sha256(
             (self.tokenizer.chat_template or "").encode("utf-8")
         ).hexdigest()
@@ -257,8 +261,8 @@ class Engine:
                 input_ids=next_ids,
                 attention_mask=attention,
                 position_ids=step_positions,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{self._cache_kwarg: getattr(out, self._cache_kwarg)},
                 **extra,
             )
 
