@@ -136,28 +136,31 @@ def tiny_dataset(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+def tiny_run_settings(model_dir: Path, dataset: dict[str, Path], output_dir: Path) -> dict[str, object]:
+    """Config keys of a fast, deterministic run of the tiny model on the toy ticket task."""
+    return {
+        "base_model": str(model_dir),
+        "task": "classification",
+        "train_file": str(dataset["train"]),
+        "validation_file": str(dataset["validation"]),
+        "test_file": str(dataset["test"]),
+        "output_dir": str(output_dir),
+        "epochs": 2,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "precision": "fp32",
+        "logging_steps": 1,
+        "few_shot_k": 3,
+        "max_new_tokens": 4,
+    }
+
+
 @pytest.fixture
 def tiny_config(tiny_model_dir: Path, tiny_dataset: dict[str, Path], tmp_path: Path) -> Callable[..., object]:
     """Factory: a validated RunConfig for the tiny model, with keyword overrides."""
     from tuneloop.config import validate_config
 
     def make(**overrides: object):
-        raw = {
-            "base_model": str(tiny_model_dir),
-            "task": "classification",
-            "train_file": str(tiny_dataset["train"]),
-            "validation_file": str(tiny_dataset["validation"]),
-            "test_file": str(tiny_dataset["test"]),
-            "output_dir": str(tmp_path / "run"),
-            "epochs": 2,
-            "batch_size": 4,
-            "learning_rate": 1e-3,
-            "precision": "fp32",
-            "logging_steps": 1,
-            "few_shot_k": 3,
-            "max_new_tokens": 4,
-        }
-        raw.update(overrides)
-        return validate_config(raw)
+        return validate_config({**tiny_run_settings(tiny_model_dir, tiny_dataset, tmp_path / "run"), **overrides})
 
     return make

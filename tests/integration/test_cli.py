@@ -8,6 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_run_settings
 from tuneloop.cli.main import app
 
 pytestmark = pytest.mark.integration
@@ -16,20 +17,7 @@ runner = CliRunner()
 
 
 def write_config(tmp_path, tiny_model_dir, tiny_dataset, **extra) -> str:
-    config = {
-        "base_model": str(tiny_model_dir),
-        "task": "classification",
-        "train_file": str(tiny_dataset["train"]),
-        "validation_file": str(tiny_dataset["validation"]),
-        "test_file": str(tiny_dataset["test"]),
-        "output_dir": str(tmp_path / "run"),
-        "epochs": 1,
-        "batch_size": 4,
-        "precision": "fp32",
-        "few_shot_k": 3,
-        "max_new_tokens": 4,
-        **extra,
-    }
+    config = {**tiny_run_settings(tiny_model_dir, tiny_dataset, tmp_path / "run"), "epochs": 1, **extra}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
