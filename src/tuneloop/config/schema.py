@@ -236,9 +236,13 @@ class RunConfig(BaseModel):
             "`paged_adamw_8bit` (state in paged memory that spills to the host under pressure; GPU only)."
         ),
     )
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: bool | Literal["auto"] = Field(
         False,
-        description="Recompute each layer's activations in the backward pass: much less memory, ~30% slower.",
+        description=(
+            "Recompute each layer's activations in the backward pass: much less memory, ~30% slower. `auto`: "
+            "checkpoint only as many layers as needed to fit `memory_budget_gib` (none when everything fits; "
+            "every layer on CPU is never needed, so none there)."
+        ),
     )
     eval_every_steps: int | None = Field(
         None,
@@ -281,6 +285,33 @@ class RunConfig(BaseModel):
         ),
     )
     tracking_project: str = Field("tuneloop", description="W&B project / MLflow experiment name for `report_to`.")
+
+    # --- fast path (step 6; owned by train/fast/) ----------------------------------------------------------
+    packing: bool = Field(
+        False,
+        description=(
+            "Padding-free batches: each micro-batch's examples are laid end to end in one row with their own "
+            "positions, and attention never crosses from one example into another (varlen attention on CUDA, "
+            "a block-diagonal mask elsewhere). Same examples per batch and same loss as padded batches; no "
+            "compute is spent on padding. SFT only (DPO batches stay padded)."
+        ),
+    )
+    kernels: Literal["auto", "compile", "eager"] = Field(
+        "auto",
+        description=(
+            "`compile`: each decoder layer is compiled by torch.compile (fused norm, RoPE, SwiGLU and LoRA "
+            "element-wise work, and leaner saved activations), falling back to eager with a warning if compiling "
+            "fails; `eager`: plain PyTorch; `auto`: `compile` on CUDA, `eager` elsewhere."
+        ),
+    )
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description=(
+            "GPU memory the run may use, for `gradient_checkpointing: auto`. Default: the memory free on the "
+            "GPU when training starts, less 5%."
+        ),
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod
