@@ -8,6 +8,7 @@ chunks), which cuts padding without making the order predictable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -44,6 +45,21 @@ def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss (after the causal shift: the first position is never a target)."""
+def trained_tokens(batch: dict[str, Any]) -> int:
+    """Tokens that carry loss (after the causal shift: the first position is never a target).
+
+    Right for packed rows too (:mod:`tuneloop.train.fast.packing`): there each example's first label is
+    masked, so a row counts what the same examples count when padded.
+    """
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def real_tokens(batch: dict[str, Any]) -> int:
+    """Tokens that are not padding, for throughput: a packed row (no ``attention_mask``) has none."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Tensors moved to ``device``; plain values (a packed batch's ``max_length``) stay on the host."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
