@@ -12,6 +12,9 @@ forward passes per step and makes a resumed run see exactly the same targets.
 
 Logged per step and per validation: ``reward_accuracy`` (share of pairs whose implicit reward
 ``beta * (log pi - log ref)`` ranks chosen above rejected) and ``reward_margin`` (mean reward gap).
+
+``packing`` is ignored here: chosen and rejected answers are scored as padded rows side by side, and a pair's
+sequence log-probabilities are read per row (packing is an SFT speed-up, see ``train/fast/packing.py``).
 """
 
 from __future__ import annotations

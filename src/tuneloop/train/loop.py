@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 
 from tuneloop.config import RunConfig
+from tuneloop.train.batching import real_tokens, to_device
 from tuneloop.train.checkpoint import (
     TrainerState,
     capture_rng,
@@ -231,7 +232,7 @@ def _optimizer_step(
     summed = torch.zeros((), device=acc.device)
     stats: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro):
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        batch = to_device(batch, acc.device)
         last = index == len(micro) - 1
         with acc.no_sync(loop.module) if not last else contextlib.nullcontext():
             with loop.precision.autocast():
@@ -251,7 +252,7 @@ def _optimizer_step(
         loop.optimizer.step()
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(m["attention_mask"].sum()) for m in micro) if weight else 0
+    tokens = sum(real_tokens(m) for m in micro) if weight else 0
     if acc.num_processes > 1:  # log the whole window's loss, not this rank's share
         packed = torch.stack([summed.float(), *[stats[k] for k in sorted(stats)], torch.tensor(float(tokens), device=acc.device)])
         packed = acc.reduce(packed, reduction="sum")

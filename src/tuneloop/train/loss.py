@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneloop.data.render import IGNORE_INDEX
+from tuneloop.train.fast.packing import model_inputs
 
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 26  # 64M logits: 256 MiB in fp32 per copy
 
@@ -75,16 +76,26 @@ class TrainedTokenLoss(nn.Module):
         self.chunk = chunk_tokens(self._parts[1].weight.shape[0]) if self._parts is not None else 0
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        *,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A padded batch (``attention_mask``) or a packed row (``position_ids``, ``cu_seq_lens``,
+        ``max_length``: :func:`tuneloop.train.fast.packing.pack`); the loss is the same for the same examples."""
+        inputs = model_inputs(input_ids, attention_mask, position_ids, cu_seq_lens, max_length)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         count = keep.sum()
         if self._parts is None:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            logits = self.model(**inputs).logits[:, :-1]
             loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
         else:
             decoder, head = self._parts
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = decoder(**inputs).last_hidden_state
             loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], self.chunk)
         return loss, count

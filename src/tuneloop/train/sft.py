@@ -8,7 +8,10 @@ validation, early stopping, checkpoints, exact resume) -> the adapter, its chat 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +23,9 @@ from tuneloop.data import ChatRenderer, EncodedExample, encode_dataset
 from tuneloop.data.audit import require_no_leakage
 from tuneloop.models import load_tokenizer, resolve_model
 from tuneloop.registry import write_json_atomic
-from tuneloop.train.batching import collate, epoch_batches, trained_tokens
+from tuneloop.train.batching import epoch_batches, to_device, trained_tokens
+from tuneloop.train.fast.attention import packed_attention
+from tuneloop.train.fast.packing import batch_collator
 from tuneloop.train.loop import Loop, LoopData, Objective, run_loop
 from tuneloop.train.loss import TrainedTokenLoss
 from tuneloop.train.observer import TrainObserver
@@ -77,16 +82,18 @@ def run(
     loss_module, optimizer = accelerator.prepare(TrainedTokenLoss(model), optimizer)
 
     # --- the loop: same data order, optimizer, scheduler and RNG whether resumed or not --------------------
-    pad = tokenizer.pad_token_id
+    # packing changes the layout of a batch (one row, no padding), never which examples form it
+    make_batch = batch_collator(config.packing, tokenizer.pad_token_id)
     loop_data = LoopData(
         epoch_batches=lambda epoch: epoch_batches(train_set, config.batch_size, config.seed, epoch),
-        collate=lambda indices: collate([train_set[i] for i in indices], pad),
-        validate=lambda: {"val_loss": _validation_loss(accelerator, precision, loss_module, val_set, config.eval_batch_size, pad)},
+        collate=lambda indices: make_batch([train_set[i] for i in indices]),
+        validate=lambda: {"val_loss": _validation_loss(accelerator, precision, loss_module, val_set, config.eval_batch_size, make_batch)},
         steps_per_epoch=steps_per_epoch,
     )
     objective = Objective(count=trained_tokens, forward=lambda module, batch: (module(**batch)[0], {}))
     stream = ([e.input_ids, e.labels] for e in train_set)
-    with tracked(config, out, observer, accelerator, resume) as tracked_observer:
+    attention = packed_attention(model) if config.packing else nullcontext()
+    with tracked(config, out, observer, accelerator, resume) as tracked_observer, attention:
         loop = Loop(
             config, out, accelerator, loss_module, model, optimizer, scheduler, tracked_observer,
             fingerprint(config, stream, accelerator.num_processes), precision,
@@ -106,7 +113,7 @@ def _validation_loss(
     loss_module: torch.nn.Module,
     examples: list[EncodedExample],
     batch_size: int,
-    pad_id: int,
+    make_batch: Callable[[Sequence[EncodedExample]], dict[str, Any]],
 ) -> float | None:
     """Mean loss per trained token over the validation set (``None`` without one)."""
     if not examples:
@@ -115,9 +122,9 @@ def _validation_loss(
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = make_batch([examples[i] for i in order[start : start + batch_size]])
         with precision.autocast():
-            loss_sum, tokens = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
+            loss_sum, tokens = loss_module(**to_device(batch, accelerator.device))
         total += float(loss_sum)
         count += int(tokens)
     return total / count if count else None
