@@ -1,9 +1,10 @@
 """Run every stack in its own process, in an order that lets tuneloop match Unsloth's memory, within a deadline.
 
-Order (:data:`PLAN`): Unsloth first (LoRA, then QLoRA), so its measured peak per workload is known; then
-tuneloop with ``memory_budget_gib`` set to that peak ("same memory as Unsloth"); then the transformers
-stacks; last, tuneloop with its default budget (the GPU's free memory), the row that shows what it does
-when memory is not the constraint. A job that cannot run (its peers missing, no Unsloth peak to match, the
+Order (:data:`PLAN`): Unsloth LoRA, so its measured peak per workload is known; tuneloop LoRA with
+``memory_budget_gib`` set to that peak ("same memory as Unsloth"); transformers+PEFT; the same pair for
+QLoRA; Liger and the transformers QLoRA; last, tuneloop with its default budget (the GPU's free memory),
+the row that shows what it does when memory is not the constraint. The first jobs are the comparisons the
+issue's targets rest on, so a deadline that cuts the run short cuts the least needed rows. A job that cannot run (its peers missing, no Unsloth peak to match, the
 deadline near) still prints one row per workload, with ``error`` saying why, and the others go on.
 
 Each process gets ``PYTHONPATH`` = its stack's peer folder (only Unsloth's process sees Unsloth) + ``bench/``
@@ -42,12 +43,12 @@ class Job:
         return f"{self.stack}:{self.method}" + ("@unsloth-memory" if self.budget_from else "")
 
 
-PLAN = (
+PLAN = (  # LoRA comparisons first (they decide issue 7's main targets), each tuneloop job after its Unsloth job
     Job("unsloth", "lora"),
-    Job("unsloth", "qlora"),
     Job("tuneloop", "lora", budget_from="unsloth:lora"),
-    Job("tuneloop", "qlora", budget_from="unsloth:qlora"),
     Job("hf+peft", "lora"),
+    Job("unsloth", "qlora"),
+    Job("tuneloop", "qlora", budget_from="unsloth:qlora"),
     Job("hf+peft+liger", "lora"),
     Job("hf+peft", "qlora"),
     Job("tuneloop", "lora"),

@@ -61,6 +61,7 @@ def measure(stack_name: str, method: str, workload: Any, args: Any, budget: floa
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    left_over = torch.cuda.memory_allocated() if cuda else 0  # from an earlier workload of this process; 0 if freed
     ctx = StackContext(shape, device, method, workload, budget, Path(args.checkpoint) if args.checkpoint else None)
     started = time.perf_counter()
     trainer = get_stack(stack_name).build(ctx)
@@ -110,6 +111,7 @@ def measure(stack_name: str, method: str, workload: Any, args: Any, budget: floa
         "peak_gib": _gib(max(build_peak, torch.cuda.max_memory_allocated())) if cuda else None,
         "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()) if cuda else None,
         "build_peak_gib": _gib(build_peak) if cuda else None,
+        "allocated_at_start_gib": _gib(left_over) if cuda else None,
         "mfu": _sig(mfu(flops, seconds)),
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "layout": trainer.layout,
