@@ -116,6 +116,8 @@ def measure(stack_name: str, method: str, workload: Any, args: Any, budget: floa
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "layout": trainer.layout,
         "examples_per_batch": workload.examples_per_batch,
+        "seq": max(max(c.lengths) for c in counts),  # the longest example timed (workload a: every one)
+        "mean_example_tokens": round(real / sum(len(c.lengths) for c in counts), 1),
         "steps_timed": len(timed),
         "warmup_steps": len(warm),
         "warmup_s": round(warmup_s, 2),
