@@ -9,8 +9,11 @@ whole accumulated batch, so gradient accumulation never changes the loss.
 
 When many tokens are trained (long answers, long sequences), the fp32 logits of all of them would be the
 largest tensor of the step (2,048 tokens x 128k vocabulary = 1 GiB, several times over for the softmax and
-its gradient). Above :data:`LOGIT_ELEMENTS_PER_CHUNK` the head and loss run in chunks whose logits are
-recomputed in the backward pass instead of kept, so at most one chunk's logits exist at a time.
+its gradient). Above :data:`LOGIT_ELEMENTS_PER_CHUNK` logits :func:`head_loss` runs the head and loss in
+chunks: for a plain linear head the fused linear cross-entropy (:mod:`tuneloop.train.fast.linear_ce`:
+gradients taken in the forward pass, the head never recomputed); for a head of another kind (an adapter on
+the head, a quantized head) :func:`chunked_head_loss`, whose chunks are checkpointed and recomputed in the
+backward pass. Either way at most one chunk's logits exist at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
         piece = slice(start, start + chunk)
         total = total + checkpoint(_head_loss, head, hidden[piece], targets[piece], use_reentrant=False)
     return total
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk`` rows at a time.
+
+    Up to ``chunk`` rows: one plain head + cross-entropy (on the CPU the fused path measured 3-20% slower
+    there: 16-256 rows, 49k vocabulary). Above: fused for a plain ``nn.Linear`` head (exactly that class:
+    subclasses such as quantized layers compute something else from their weight; 36% faster than the
+    checkpointed chunks at 2,048 rows on the CPU), otherwise checkpointed chunks.
+    """
+    if hidden.shape[0] > chunk and type(head) is nn.Linear:
+        from tuneloop.train.fast.linear_ce import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_rows=chunk)
+    return chunked_head_loss(head, hidden, targets, chunk)
 
 
 def _backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module] | None:
@@ -97,5 +115,5 @@ class TrainedTokenLoss(nn.Module):
         else:
             decoder, head = self._parts
             hidden = decoder(**inputs).last_hidden_state
-            loss = chunked_head_loss(head, hidden[:, :-1][keep], targets[keep], self.chunk)
+            loss = head_loss(head, hidden[:, :-1][keep], targets[keep], self.chunk)
         return loss, count
