@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -11,6 +11,10 @@ from rich.table import Table
 
 from tuneloop.cli.commands import guarded
 from tuneloop.config import load_config, parse_override
+
+if TYPE_CHECKING:
+    from tuneloop.train.estimate import EstimateResult
+    from tuneloop.train.fast.memory import CheckpointPlan
 
 console = Console()
 
@@ -50,11 +54,40 @@ def _estimate(path: Path, overrides: list[str], trained_fraction: float) -> None
     fits.add_column("GPU")
     fits.add_column("no checkpointing", justify="center")
     fits.add_column("gradient checkpointing", justify="center")
+    fits.add_column("auto", justify="center")  # layers gradient_checkpointing: auto checkpoints there
     for gpu, verdict in result.fits().items():
-        fits.add_row(gpu, _yes(verdict["without"]), _yes(verdict["with"]))
+        plan = result.auto_plan(estimate.GPUS[gpu] * (1 << 20))
+        fits.add_row(gpu, _yes(verdict["without"]), _yes(verdict["with"]), _layers(plan))
     console.print(fits)
-    configured = "on" if s["gradient_checkpointing"] else "off"
-    console.print(f"this config has gradient checkpointing {configured}: needs ~{_gib(result.configured.peak)} GiB")
+    console.print(_configured_line(result))
+
+
+def _configured_line(result: EstimateResult) -> str:
+    """What the config itself asks for; ``auto`` is planned for ``memory_budget_gib`` when one is set."""
+    s = result.config_summary
+    choice = s["gradient_checkpointing"]
+    if choice == "auto":
+        plan = result.auto_plan()
+        if plan is None:
+            return (
+                "this config has gradient checkpointing auto: the layers are chosen for the GPU memory free at "
+                "start (see the last column; set memory_budget_gib to plan for a budget)"
+            )
+        return (
+            f"this config has gradient checkpointing auto with a {s['memory_budget_gib']:g} GiB budget: "
+            f"{_layers(plan)} layers checkpointed, needs ~{_gib(result.configured.peak)} GiB"
+        )
+    configured = "on" if choice else "off"
+    return f"this config has gradient checkpointing {configured}: needs ~{_gib(result.configured.peak)} GiB"
+
+
+def _layers(plan: CheckpointPlan | None) -> str:
+    if plan is None:
+        return "-"
+    text = f"{plan.checkpointed_layers}/{plan.total_layers}"
+    if plan.offload:
+        text += " + offload"
+    return text if plan.fits else f"[red]{text}, no fit[/]"
 
 
 def _gib(value: int) -> str:

@@ -7,8 +7,10 @@ The model's parameters are counted exactly (the architecture is built on PyTorch
   ~0.52 bytes for QLoRA's quantized linear layers (embeddings, norms and the head stay in bf16);
 * **adapters**, their **gradients** and **optimizer state** (fp32; AdamW 8 bytes per trained parameter,
   8-bit AdamW ~2);
-* **activations** saved for the backward pass at ``batch_size x max_seq_len`` tokens, with and without
-  gradient checkpointing (then only each layer's input is kept, and one layer is recomputed at a time);
+* **activations** saved for the backward pass at ``batch_size x max_seq_len`` tokens (twice that for DPO's
+  chosen + rejected rows), with and without gradient checkpointing (then only each layer's input is kept,
+  and one layer is recomputed at a time), or with only the first k layers checkpointed
+  (:class:`MemoryModel`, which ``gradient_checkpointing: auto`` plans with);
 * the **logits** of trained tokens (chunked above :func:`~tuneloop.train.loss.chunk_tokens`) and
   transients: autocast's bf16 weight copies (full fine-tuning), the optimizer step's temporaries,
   dequantizing one 4-bit layer.
@@ -27,12 +29,15 @@ Every token is assumed trained (``trained_fraction=1``) unless told otherwise: a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.adapters import get_adapter_method
 from tuneloop.config import RunConfig
 from tuneloop.train.loss import chunk_tokens
 from tuneloop.train.optim import get_optimizer_spec
+
+if TYPE_CHECKING:
+    from tuneloop.train.fast.memory import CheckpointPlan
 
 GIB = 1 << 30
 
@@ -119,14 +124,75 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per component for one setting of gradient checkpointing; ``peak`` is what the GPU must hold."""
+    """Bytes per component for one setting of gradient checkpointing; ``peak`` is what the GPU must hold.
+
+    ``checkpointed_layers``: how many decoder layers (the first ones) keep only their input; ``offload``:
+    those inputs are kept in host memory instead.
+    """
 
     gradient_checkpointing: bool
     components: dict[str, int]
     peak: int
+    checkpointed_layers: int = 0
+    offload: bool = False
 
     def fits(self, capacity_mib: int) -> bool:
-        return self.peak + RUNTIME_OVERHEAD_BYTES <= capacity_mib * (1 << 20)
+        return fits_budget(self.peak, capacity_mib * (1 << 20))
+
+
+def fits_budget(peak: int, budget_bytes: float) -> bool:
+    """Whether a predicted peak plus the runtime overhead no tensor accounts for stays within ``budget_bytes``."""
+    return peak + RUNTIME_OVERHEAD_BYTES <= budget_bytes
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The terms of a run's peak memory, from which the peak for any number of checkpointed layers follows.
+
+    Kept apart from :func:`estimate` so the fast path's planner (``gradient_checkpointing: auto``) and
+    ``tuneloop estimate`` predict with one formula.
+    """
+
+    static: dict[str, int]  # weights, adapters, optimizer state: held all the time
+    gradients: int
+    layers: int
+    layer_activations: int  # saved for the backward pass by one layer that is not checkpointed
+    layer_input: int  # kept by one checkpointed layer (its input hidden state)
+    logits: int
+    edges: int
+    transient: dict[str, int]
+    step_temporaries: int
+    full: bool
+
+    def at(self, checkpointed_layers: int, *, offload: bool = False) -> MemoryEstimate:
+        """The peak with the first ``checkpointed_layers`` layers checkpointed (inputs on the host if ``offload``).
+
+        Checkpointing the *first* layers is what makes a partial choice pay: the backward pass reaches them
+        last, when the saved activations of every later layer are already freed, so the one layer being
+        recomputed never coexists with them, nor with the head's logits (the head's backward ran first).
+        """
+        k = max(0, min(checkpointed_layers, self.layers))
+        kept = 0 if offload else self.layer_input * k
+        saved = self.layer_activations * (self.layers - k)
+        recompute = self.layer_activations if k else 0
+        working = kept + max(saved + self.logits, recompute)
+        activations = kept + saved + recompute
+        forward_backward = working + self.edges + sum(self.transient.values()) + (0 if self.full else self.gradients)
+        optimizer_step = self.gradients + self.step_temporaries
+        components = {
+            **self.static,
+            "gradients": self.gradients,
+            "activations": int(activations),
+            "logits": int(self.logits),
+            **self.transient,
+            "optimizer_step_temporaries": self.step_temporaries,
+        }
+        peak = sum(self.static.values()) + max(forward_backward, optimizer_step)
+        return MemoryEstimate(k > 0, components, int(peak), k, offload and k > 0)
+
+    def peaks(self) -> list[int]:
+        """Predicted peak for 0, 1, ..., ``layers`` checkpointed layers (non-increasing)."""
+        return [self.at(k).peak for k in range(self.layers + 1)]
 
 
 @dataclass(frozen=True)
@@ -136,16 +202,40 @@ class EstimateResult:
     total_params: int
     without_checkpointing: MemoryEstimate
     with_checkpointing: MemoryEstimate
+    memory: MemoryModel | None = None
 
     @property
     def configured(self) -> MemoryEstimate:
-        return self.with_checkpointing if self.config_summary["gradient_checkpointing"] else self.without_checkpointing
+        """The setting the config asks for; ``auto`` with a ``memory_budget_gib`` is planned for that budget."""
+        choice = self.config_summary["gradient_checkpointing"]
+        if choice == "auto":
+            plan = self.auto_plan()
+            if plan is None or self.memory is None:
+                return self.without_checkpointing
+            return self.memory.at(plan.checkpointed_layers, offload=plan.offload)
+        return self.with_checkpointing if choice else self.without_checkpointing
+
+    def auto_plan(self, budget_bytes: float | None = None) -> CheckpointPlan | None:
+        """``gradient_checkpointing: auto``'s choice for ``budget_bytes`` (default: the config's budget, if any)."""
+        from tuneloop.train.fast.memory import plan_checkpointing
+
+        budget = budget_bytes
+        if budget is None and self.config_summary.get("memory_budget_gib") is not None:
+            budget = self.config_summary["memory_budget_gib"] * GIB
+        if budget is None or self.memory is None:
+            return None
+        return plan_checkpointing(self.memory, budget)
 
     def fits(self) -> dict[str, dict[str, bool]]:
         return {
             gpu: {"without": self.without_checkpointing.fits(mib), "with": self.with_checkpointing.fits(mib)}
             for gpu, mib in GPUS.items()
         }
+
+
+def micro_batch_tokens(config: RunConfig) -> int:
+    """Tokens of the longest micro-batch: ``batch_size x max_seq_len``, twice that for DPO (chosen + rejected)."""
+    return config.batch_size * config.max_seq_len * (2 if config.method == "dpo" else 1)
 
 
 def targeted_linears(shape: ModelShape, targets: tuple[str, ...] | str) -> list[tuple[str, int, int]]:
@@ -156,17 +246,57 @@ def targeted_linears(shape: ModelShape, targets: tuple[str, ...] | str) -> list[
 
 
 def estimate(
-    config: RunConfig, shape: ModelShape, *, trained_fraction: float = 1.0, weight_bytes: float | None = None
+    config: RunConfig,
+    shape: ModelShape,
+    *,
+    trained_fraction: float = 1.0,
+    weight_bytes: float | None = None,
+    tokens: int | None = None,
 ) -> EstimateResult:
     """The memory ``config`` needs on one GPU, with and without gradient checkpointing.
 
     ``weight_bytes``: bytes per weight of the compute precision (default bf16 = 2; fp32 runs pass 4).
+    ``tokens``: tokens of the largest micro-batch (default :func:`micro_batch_tokens`; a packed batch can
+    pass its own count).
+    """
+    memory, trainable = memory_model(
+        config, shape, trained_fraction=trained_fraction, weight_bytes=weight_bytes, tokens=tokens
+    )
+    summary = {
+        "base_model": config.base_model,
+        "adapter": config.adapter,
+        "optimizer": config.optimizer,
+        "batch_size": config.batch_size,
+        "max_seq_len": config.max_seq_len,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "memory_budget_gib": config.memory_budget_gib,
+        "layers": shape.layers,
+        "trained_fraction": trained_fraction,
+    }
+    return EstimateResult(
+        summary, trainable, shape.total_params, memory.at(0), memory.at(shape.layers), memory
+    )
+
+
+def memory_model(
+    config: RunConfig,
+    shape: ModelShape,
+    *,
+    trained_fraction: float = 1.0,
+    weight_bytes: float | None = None,
+    tokens: int | None = None,
+) -> tuple[MemoryModel, int]:
+    """The terms of the peak for ``config`` on ``shape`` at ``tokens`` per micro-batch, and the trained parameters.
+
+    Decoder layers compiled by ``kernels: compile`` are counted with the eager coefficients: an upper
+    bound (Inductor recomputes element-wise results instead of saving them), until a GPU probe of
+    compiled layers gives coefficients of their own.
     """
     method = get_adapter_method(config.adapter)
     optimizer = get_optimizer_spec(config.optimizer)
     low = weight_bytes or (4.0 if config.precision == "fp32" else 2.0)
     full = not method.saves_adapter
-    tokens = config.batch_size * config.max_seq_len
+    tokens = tokens if tokens is not None else micro_batch_tokens(config)
 
     if full:
         trainable = shape.total_params
@@ -184,57 +314,29 @@ def estimate(
         "adapters": 0 if full else trainable * 4,
         "optimizer_state": int(trainable * optimizer.state_bytes_per_param),
     }
-    gradients = trainable * 4
     key = _coefficient_key(method, config.lora_dropout)
     widths = (shape.hidden, shape.q_width, shape.intermediate, 0 if full else config.lora_r, 1)
-
-    def per_token(table: dict[str, tuple[float, ...]], fallback: str) -> float:
-        coefficients = table.get(key) or table[fallback]
-        return max(0.0, sum(c * w for c, w in zip(coefficients, widths)))
+    coefficients = _PER_LAYER.get(key) or _PER_LAYER["lora"]
+    per_token = max(0.0, sum(c * w for c, w in zip(coefficients, widths)))
 
     trained = int(tokens * trained_fraction)
     logits = _LOGIT_BYTES * shape.vocab * min(trained, chunk_tokens(shape.vocab)) + trained * shape.hidden * 2
-    edges = tokens * shape.hidden * 8  # embedding output and final norm
-    step_temporaries = 4 * trainable if optimizer.name == "adamw" else 0  # foreach AdamW's sqrt buffer
-    transient = {
-        "autocast_weight_copies": int(shape.decoder_linear_params * 2) if full and low == 2.0 else 0,
-        "dequantized_layer": int(shape.largest_linear * 2) if method.quantization is not None else 0,
-    }
-
-    def at(checkpointing: bool) -> MemoryEstimate:
-        one_layer = per_token(_PER_LAYER, "lora") * tokens
-        if checkpointing:
-            # the layers' inputs stay; the head's logits and the one layer being recomputed never coexist
-            # (the head's backward finishes before the first layer is recomputed)
-            kept = _CHECKPOINTED_BYTES_PER_HIDDEN["full" if full else "adapter"] * shape.hidden * tokens * shape.layers
-            activations = int(kept + one_layer)
-            working = kept + max(one_layer, logits)
-        else:
-            activations = int(one_layer * shape.layers)
-            working = activations + logits
-        forward_backward = working + edges + sum(transient.values()) + (gradients if not full else 0)
-        optimizer_step = gradients + step_temporaries
-        components = {
-            **static,
-            "gradients": gradients,
-            "activations": activations,
-            "logits": int(logits),
-            **transient,
-            "optimizer_step_temporaries": step_temporaries,
-        }
-        peak = sum(static.values()) + max(forward_backward, optimizer_step)
-        return MemoryEstimate(checkpointing, components, int(peak))
-
-    summary = {
-        "base_model": config.base_model,
-        "adapter": config.adapter,
-        "optimizer": config.optimizer,
-        "batch_size": config.batch_size,
-        "max_seq_len": config.max_seq_len,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "trained_fraction": trained_fraction,
-    }
-    return EstimateResult(summary, trainable, shape.total_params, at(False), at(True))
+    memory = MemoryModel(
+        static=static,
+        gradients=trainable * 4,
+        layers=shape.layers,
+        layer_activations=int(per_token * tokens),
+        layer_input=_CHECKPOINTED_BYTES_PER_HIDDEN["full" if full else "adapter"] * shape.hidden * tokens,
+        logits=int(logits),
+        edges=tokens * shape.hidden * 8,  # embedding output and final norm
+        transient={
+            "autocast_weight_copies": int(shape.decoder_linear_params * 2) if full and low == 2.0 else 0,
+            "dequantized_layer": int(shape.largest_linear * 2) if method.quantization is not None else 0,
+        },
+        step_temporaries=4 * trainable if optimizer.name == "adamw" else 0,  # foreach AdamW's sqrt buffer
+        full=full,
+    )
+    return memory, trainable
 
 
 def run(config: RunConfig, *, trained_fraction: float = 1.0) -> EstimateResult:
