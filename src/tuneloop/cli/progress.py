@@ -30,6 +30,12 @@ class RichTrainObserver:
         self.progress = _progress(console)
         self.task_id: Any = None
 
+    def on_fast_path(self, report: Any) -> None:
+        """Before the first step: the kernels and checkpointed layers this run uses, and why."""
+        self.console.print(f"fast path: {report.summary()}")
+        for reason in report.reasons:
+            self.console.print(f"  [dim]{reason}[/]")
+
     def on_train_start(self, total_steps: int, done_steps: int) -> None:
         self.progress.start()
         self.task_id = self.progress.add_task("train", total=total_steps, completed=done_steps, info="")

@@ -96,7 +96,7 @@ def run(
         write_json_atomic(out / "data_report.json", report)
 
     # --- model: the policy is base + adapter; the reference is the same weights with the adapter off -------
-    model = build_model(config, method, source, setup)
+    model, fast_path = build_model(config, method, source, setup)
     pad = tokenizer.pad_token_id
     with precision.autocast():  # the same mixed precision as the policy's forward, so step 0 has zero rewards
         train_ref = reference_logps(model, train_pairs, pad, config.eval_batch_size, setup.device)
@@ -119,7 +119,7 @@ def run(
         count=lambda batch: batch["input_ids"].shape[0] // 2, forward=lambda module, batch: module(**batch), count_name="pairs"
     )
     stream = ([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels] for p in train_pairs)
-    with tracked(config, out, observer, accelerator, resume) as tracked_observer:
+    with tracked(config, out, observer, accelerator, resume, fast_path) as tracked_observer:
         loop = Loop(
             config, out, accelerator, dpo_module, model, optimizer, scheduler, tracked_observer,
             fingerprint(config, stream, accelerator.num_processes), precision,
@@ -134,7 +134,7 @@ def run(
         "task": spec.as_dict(),
         "dpo": {"beta": config.dpo_beta, "validation_before_training": before},
     }
-    return finish("dpo", config, out, accelerator, model, save, result, setup, source, extra)
+    return finish("dpo", config, out, accelerator, model, save, result, setup, source, extra, fast_path)
 
 
 # --- data ------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from tuneloop.models.trained import save_trained_model
 from tuneloop.registry import file_fingerprint, software_versions, write_json_atomic
 from tuneloop.registry.records import RECORD_FILE
 from tuneloop.train.checkpoint import PREFIX, latest_checkpoint, trainable_state
+from tuneloop.train.estimate import micro_batch_tokens
+from tuneloop.train.fast import FastPathReport, apply_fast_path
 from tuneloop.train.loop import LoopResult, total_steps
 from tuneloop.train.observer import SilentObserver, TrainObserver
 from tuneloop.train.optim import build_optimizer
@@ -46,6 +48,7 @@ class TrainResult:
     stopped_early: bool = False
     best_checkpoint: Path | None = None
     validation: dict[str, Any] | None = None
+    fast_path: dict[str, Any] | None = None  # FastPathReport.as_dict(): kernels, checkpointed layers, predicted peak
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,29 @@ def start(config: RunConfig) -> tuple[Accelerator, DeviceSetup, MixedPrecision]:
     return accelerator, setup, MixedPrecision(setup.device.type, setup.dtype)
 
 
-def build_model(config: RunConfig, method: AdapterMethod, source: ModelSource, setup: DeviceSetup) -> Any:
-    """Base weights (quantized when the method says so), gradient checkpointing, then the method's wrapping."""
+def build_model(
+    config: RunConfig, method: AdapterMethod, source: ModelSource, setup: DeviceSetup
+) -> tuple[Any, FastPathReport]:
+    """Base weights (quantized when the method says so), the method's wrapping, then the fast path.
+
+    The fast path (:func:`tuneloop.train.fast.apply_fast_path`) sets which decoder layers are checkpointed
+    (``gradient_checkpointing``: all, none, or as many as ``memory_budget_gib`` needs) and compiles the
+    layers (``kernels``); its report says what it did. ``gradient_checkpointing: true`` is also switched on
+    before the wrapping, as it always was, so PEFT prepares the model for it the same way.
+    """
     weights_dtype = torch.float32 if method.master_weights_fp32 else setup.dtype
     base = load_base_model(source, method, weights_dtype, setup.device)
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing is True:
         enable_gradient_checkpointing(base)
-    return method.apply(base, config)
+    model = method.apply(base, config)
+    report = apply_fast_path(
+        model,
+        config,
+        device=setup.device,
+        tokens_per_micro_batch=micro_batch_tokens(config),
+        autocast_dtype=setup.dtype if setup.dtype in (torch.bfloat16, torch.float16) else None,
+    )
+    return model, report
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -111,15 +130,26 @@ def build_optimization(config: RunConfig, model: Any, device: torch.device, step
 
 @contextmanager
 def tracked(
-    config: RunConfig, out: Path, observer: TrainObserver | None, accelerator: Accelerator, resume: bool
+    config: RunConfig,
+    out: Path,
+    observer: TrainObserver | None,
+    accelerator: Accelerator,
+    resume: bool,
+    fast_path: FastPathReport | None = None,
 ) -> Iterator[TrainObserver]:
-    """The caller's observer plus experiment trackers on the main process; others stay silent."""
+    """The caller's observer plus experiment trackers on the main process; others stay silent.
+
+    The fast path's report is announced first, so the console shows which layers are checkpointed and
+    whether they are compiled before the first step.
+    """
     if not accelerator.is_main_process:
         yield SilentObserver()
         return
     last = latest_checkpoint(out / "checkpoints") if resume else None
     purge = int(last.name.removeprefix(PREFIX)) + 1 if last is not None else None
     tracking = TrackingObserver(observer or SilentObserver(), open_backends(config, out, purge))
+    if fast_path is not None:
+        tracking.on_fast_path(fast_path)
     try:
         yield tracking
     finally:
@@ -137,6 +167,7 @@ def finish(
     setup: DeviceSetup,
     source: ModelSource,
     record_extra: dict[str, Any],
+    fast_path: FastPathReport | None = None,
 ) -> TrainResult:
     """Write the artefact (main process) and the run record; every process returns the same result."""
     accelerator.wait_for_everyone()
@@ -160,6 +191,7 @@ def finish(
         "stopped_early": loop.state.stopped_early,
         "best_step": loop.state.best_step,
         "artifact_from_checkpoint": str(loop.restored_best) if loop.restored_best else None,
+        "fast_path": fast_path.as_dict() if fast_path is not None else None,
     }
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -198,6 +230,7 @@ def finish(
         stopped_early=loop.state.stopped_early,
         best_checkpoint=loop.restored_best,
         validation=dict(loop.last_validation),
+        fast_path=summary["fast_path"],
     )
 
 

@@ -74,7 +74,7 @@ def run(
         write_json_atomic(out / "data_report.json", {"train": train_report.as_dict(), "validation": val_report.as_dict()})
 
     # --- model: base weights (quantized for QLoRA), then the adapter method's wrapping ----------------------
-    model = build_model(config, method, source, setup)
+    model, fast_path = build_model(config, method, source, setup)
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / (config.grad_accum * accelerator.num_processes))
     optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch)
@@ -93,7 +93,7 @@ def run(
     objective = Objective(count=trained_tokens, forward=lambda module, batch: (module(**batch)[0], {}))
     stream = ([e.input_ids, e.labels] for e in train_set)
     attention = packed_attention(model) if config.packing else nullcontext()
-    with tracked(config, out, observer, accelerator, resume) as tracked_observer, attention:
+    with tracked(config, out, observer, accelerator, resume, fast_path) as tracked_observer, attention:
         loop = Loop(
             config, out, accelerator, loss_module, model, optimizer, scheduler, tracked_observer,
             fingerprint(config, stream, accelerator.num_processes), precision,
@@ -103,7 +103,7 @@ def run(
     # --- artefacts: the trained weights with the chat format and task they were trained for ----------------
     save = artifact_saver(tokenizer, renderer.format, data.spec, source, out, method)
     extra = {"chat_format": renderer.format.as_dict(), "task": data.spec.as_dict()}
-    return finish("sft", config, out, accelerator, model, save, result, setup, source, extra)
+    return finish("sft", config, out, accelerator, model, save, result, setup, source, extra, fast_path)
 
 
 @torch.no_grad()

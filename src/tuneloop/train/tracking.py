@@ -117,6 +117,12 @@ class TrackingObserver:
         for backend in self.backends:
             backend.log(step, numbers)
 
+    def on_fast_path(self, report: Any) -> None:
+        """Forwarded to observers that listen for it (the hook is optional, see ``TrainObserver``)."""
+        listener = getattr(self.inner, "on_fast_path", None)
+        if listener is not None:
+            listener(report)
+
     def on_train_start(self, total_steps: int, done_steps: int) -> None:
         self.inner.on_train_start(total_steps, done_steps)
 

@@ -1,0 +1,107 @@
+"""``apply_fast_path``: the fast-path decisions for one model, taken once after the adapter is applied.
+
+Two decisions, in this order because the second depends on the first:
+
+1. **Which decoder layers are checkpointed** (``gradient_checkpointing``: ``false`` none, ``true`` all,
+   ``auto`` the fewest that fit ``memory_budget_gib``; :mod:`tuneloop.train.fast.memory`).
+2. **Which kernels run them** (``kernels``: ``compile`` / ``eager`` / ``auto``, a registry in
+   :mod:`tuneloop.train.fast.compile`); compiled after the flags are set, so each compiled graph is traced
+   with its layer's checkpointing in place.
+
+What was decided, and why, comes back as a :class:`FastPathReport`: the recipe shows it at start and writes
+it into ``record.json`` (``train.fast_path``), so a run says which layers it checkpointed and whether its
+layers were compiled. The head's loss (fused linear cross-entropy) needs no decision: it is always used
+where the head is a plain linear layer (:mod:`tuneloop.train.loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from tuneloop.config import RunConfig
+from tuneloop.train.estimate import GIB
+from tuneloop.train.fast.compile import CompileOptions, KernelOutcome, get_kernel_choice
+from tuneloop.train.fast.memory import apply_checkpointing, budget_bytes, decoder_layers, plan_for
+
+
+@dataclass(frozen=True)
+class FastPathReport:
+    """What the fast path did to a model (kept in ``record.json`` under ``train.fast_path``)."""
+
+    kernels: str  # actually in use: "compile" or "eager"
+    kernels_requested: str
+    checkpointed_layers: int
+    total_layers: int
+    checkpointed_indices: tuple[int, ...]
+    offload: bool
+    predicted_peak_gib: float | None
+    budget_gib: float | None
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "checkpointed_indices": list(self.checkpointed_indices), "reasons": list(self.reasons)}
+
+    def summary(self) -> str:
+        """One line for the console: kernels, checkpointed layers, offload, predicted peak."""
+        text = f"kernels {self.kernels}; gradient checkpointing {self.checkpointed_layers}/{self.total_layers} layers"
+        if self.offload:
+            text += " (inputs offloaded to host memory)"
+        if self.predicted_peak_gib is not None:
+            text += f"; predicted peak {self.predicted_peak_gib:.1f} GiB"
+        if self.budget_gib is not None:
+            text += f" of a {self.budget_gib:.1f} GiB budget"
+        return text
+
+
+def apply_fast_path(
+    model: Any,
+    config: RunConfig,
+    *,
+    device: torch.device,
+    tokens_per_micro_batch: int,
+    budget: float | None = None,
+    compile_backend: str | Callable[..., Any] = "inductor",
+    autocast_dtype: torch.dtype | None = None,
+) -> FastPathReport:
+    """Set per-layer checkpointing and compile the decoder layers of ``model`` (adapter-wrapped) in place.
+
+    ``tokens_per_micro_batch``: tokens of the largest micro-batch (``batch_size x max_seq_len``, or the packed
+    count), for the memory plan. ``budget``: bytes the run may use (default ``memory_budget_gib``, else the
+    GPU memory free at start less 5%). ``compile_backend``: ``torch.compile``'s backend (tests pass a cheap
+    one). ``autocast_dtype``: the training step's autocast dtype, so the compile probe traces what training runs.
+    """
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    budget = budget if budget is not None else budget_bytes(config, device)
+    plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget)
+    chosen = apply_checkpointing(layers, plan.checkpointed_layers, offload=plan.offload, pin_memory=device.type == "cuda")
+    if plan.checkpointed_layers:
+        _no_cache(model)
+    if plan.offload and config.kernels != "eager":
+        outcome = KernelOutcome("eager", 0, f"kernels: {config.kernels} not applied: offloaded inputs' saved-tensor hooks are not traced by torch.compile")
+    else:
+        options = CompileOptions(backend=compile_backend, autocast_dtype=autocast_dtype)
+        outcome = get_kernel_choice(config.kernels)(model, layers, device, options)
+    return FastPathReport(
+        kernels=outcome.kernels,
+        kernels_requested=config.kernels,
+        checkpointed_layers=len(chosen),
+        total_layers=len(layers),
+        checkpointed_indices=chosen,
+        offload=plan.offload,
+        predicted_peak_gib=round(plan.predicted_peak / GIB, 2) if plan.predicted_peak is not None else None,
+        budget_gib=round(plan.budget / GIB, 2) if plan.budget is not None else None,
+        reasons=(plan.reason, outcome.reason),
+    )
+
+
+def _no_cache(model: Any) -> None:
+    """A checkpointed layer must not write a KV cache twice (once more on the recompute); training needs none."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if config is not None:
+        config.use_cache = False

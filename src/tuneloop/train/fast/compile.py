@@ -1,0 +1,214 @@
+"""Regional compilation: each decoder layer compiled by ``torch.compile``, chosen by ``kernels:`` from a registry.
+
+Why layers and not the model: the decoder is one block repeated 16-80 times. Compiling the block (each layer's
+``Module.compile()``) traces one layer's code; the layers share that compiled code (dynamo guards on the
+module's structure, not its identity), so compile time is that of one or two layers instead of the whole
+model, and the embedding, head and loss stay eager (the head is already one fused loss, see ``linear_ce``).
+Inside a layer Inductor fuses RMSNorm, RoPE, SwiGLU and the LoRA scaling into a few kernels, and its min-cut
+partitioner recomputes cheap element-wise results in the backward pass instead of saving them: fewer saved
+activations, which is what lets :mod:`tuneloop.train.fast.memory` checkpoint fewer layers.
+
+``Module.compile()`` (rather than ``torch.compile(module)``) keeps each layer the same object of the same
+class, so parameter names, state dicts, PEFT saving and FSDP2's class-based wrapping are untouched.
+``dynamic=True`` compiles one graph for every sequence length (padded batches vary in length), so the
+number of compiled graphs stays a handful: checkpointed or not, input needing a gradient or not (the first
+layer's does not), train or eval, batch size 1 or more. Dynamo keeps at most ``recompile_limit`` (8)
+graphs per function *per process*; several compiled runs in one process (a sweep, a notebook) share them,
+and beyond the limit torch warns and runs the extra cases eagerly.
+
+A failed compile must not cost a run: before any layer is compiled, a *probe* compiles the first layer of
+each kind separately and runs it forward and backward on the inputs a short synthetic padded batch gives it. If
+that raises, every layer stays eager and one warning says why. (A compile failure on an input the probe
+did not cover, e.g. a packed batch's attention arguments, is not caught.)
+
+Not compiled, by decision:
+
+* **bitsandbytes 4-bit layers (QLoRA)**: their quantized weights are a tensor subclass with custom kernels
+  whose support under ``torch.compile`` varies by bitsandbytes version; a QLoRA run stays eager.
+* layers whose checkpointed inputs are **offloaded** to host memory: ``save_on_cpu``'s saved-tensor hooks
+  are not traced by dynamo.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to compile: the backend (``"inductor"``; tests pass ``"aot_eager"`` or a counting callable), shapes,
+    whether to probe first, and the autocast dtype the training step runs under (the probe uses it too)."""
+
+    backend: str | Callable[..., Any] = "inductor"
+    dynamic: bool = True
+    probe: bool = True
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class KernelOutcome:
+    """What a kernel choice did: the kernels actually in use (``compile`` or ``eager``) and why."""
+
+    kernels: str
+    compiled_layers: int
+    reason: str
+
+
+KernelChoice = Callable[[Any, list[nn.Module], torch.device, CompileOptions], KernelOutcome]
+
+
+def use_eager(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
+    return KernelOutcome("eager", 0, "kernels: eager")
+
+
+def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
+    """Compile every decoder layer in place, after a probe; eager (with one warning) if the probe fails."""
+    if not layers:
+        return KernelOutcome("eager", 0, "no decoder layers found to compile")
+    if any(_is_quantized(layer) for layer in layers):
+        return KernelOutcome("eager", 0, "4-bit (bitsandbytes) layers are kept eager")
+    if options.probe:
+        try:
+            _probe(model, layers, device, options)
+        except Exception as error:  # any failure of tracing, compiling or running: fall back, say why
+            message = f"compiling the decoder layers failed ({_describe(error)}); training eagerly"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return KernelOutcome("eager", 0, message)
+    for layer in layers:
+        layer.compile(backend=options.backend, dynamic=options.dynamic)
+    backend = options.backend if isinstance(options.backend, str) else getattr(options.backend, "__name__", "custom")
+    return KernelOutcome("compile", len(layers), f"{len(layers)} decoder layers compiled ({backend}, dynamic={options.dynamic})")
+
+
+def use_auto(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
+    """``compile`` on CUDA (where Inductor's Triton kernels pay), ``eager`` elsewhere (CPU tests and demo)."""
+    if device.type == "cuda":
+        return compile_layers(model, layers, device, options)
+    outcome = use_eager(model, layers, device, options)
+    return KernelOutcome(outcome.kernels, 0, f"kernels: auto on {device.type} is eager")
+
+
+KERNELS: dict[str, KernelChoice] = {"eager": use_eager, "compile": compile_layers, "auto": use_auto}
+
+
+def get_kernel_choice(name: str) -> KernelChoice:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise KeyError(f"unknown kernels {name!r}; known: {', '.join(sorted(KERNELS))}") from None
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    return any(type(m).__module__.split(".")[0] == "bitsandbytes" for m in layer.modules())
+
+
+def _describe(error: BaseException) -> str:
+    """The error and, when torch wraps it (``BackendCompilerFailed``...), the root cause: one line each."""
+
+    def line(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+    root = error
+    for _ in range(10):  # torch keeps the original as ``inner_exception`` (dynamo) or ``__cause__``
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    return line(error) if root is error else f"{line(error)} <- {line(root)}"
+
+
+def _probe(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> None:
+    """Compile the first layer of each kind on its own and run it forward and backward.
+
+    A layer's *kind* is what dynamo's guards tell apart: checkpointed or not, and whether its input needs a
+    gradient (the first layer's input usually does not: the embeddings are frozen). The layers' real inputs
+    (hidden states, position embeddings, mask) come from a short synthetic batch through the decoder. The
+    compiled code is cached on the layers' shared code, so what the probe compiles is what training then
+    runs: probing costs no extra compilation. RNG state, train/eval modes and gradients are restored
+    afterwards, so a probed run draws the same dropout masks as an unprobed one.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads_before = {id(p) for p in model.parameters() if p.grad is not None}
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            inputs = _capture_layer_inputs(model, layers, device)
+            first_of_kind: dict[tuple[bool, bool], int] = {}
+            for index, layer in enumerate(layers):
+                kind = (bool(getattr(layer, "gradient_checkpointing", False)), inputs[index][0][0].requires_grad)
+                first_of_kind.setdefault(kind, index)
+            for index in sorted(first_of_kind.values()):
+                args, kwargs = inputs[index]
+                kwargs = _fresh_caches(kwargs, model)
+                probe = torch.compile(layers[index], backend=options.backend, dynamic=options.dynamic)
+                hidden = args[0].detach().requires_grad_(args[0].requires_grad)
+                with _autocast(device, options.autocast_dtype):
+                    out = probe(hidden, *args[1:], **kwargs)
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                if first.requires_grad:
+                    first.float().sum().backward()
+    finally:
+        for module, training in modes:
+            module.training = training
+        for parameter in model.parameters():
+            if id(parameter) not in grads_before:
+                parameter.grad = None
+
+
+def _capture_layer_inputs(
+    model: Any, layers: list[nn.Module], device: torch.device
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Every layer's call arguments for a padded 2 x 16 batch, shaped like a padded training batch.
+
+    Batch 2, because dynamo specializes sizes 0 and 1; a padded row, because a padding mask is what padded
+    batches pass (an all-ones mask becomes no mask, another graph). Packed batches pass other arguments,
+    so their layers compile once more at the first step.
+    """
+    captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def hook_for(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured[index] = (args, dict(kwargs))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    entry = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
+    ids = (torch.arange(32, device=device) % inner.config.vocab_size).reshape(2, 16)
+    try:
+        with torch.enable_grad():  # as in training: which layer inputs need a gradient is part of the kind
+            mask = torch.ones_like(ids)
+            mask[1, -4:] = 0
+            entry(input_ids=ids, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(range(len(layers))) - set(captured))
+    if missing:
+        raise RuntimeError(f"the probe batch did not reach decoder layers {missing}")
+    return [captured[i] for i in range(len(layers))]
+
+
+def _fresh_caches(kwargs: dict[str, Any], model: Any) -> dict[str, Any]:
+    """The captured call wrote its keys and values into the KV cache it was given (training forwards build one
+    when ``use_cache`` is on); the probe's call gets an empty cache of that type instead, or it would attend
+    over twice the keys."""
+    from transformers.cache_utils import Cache, DynamicCache
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {k: DynamicCache(config=inner.config) if isinstance(v, Cache) else v for k, v in kwargs.items()}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
