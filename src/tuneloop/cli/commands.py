@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -14,12 +15,22 @@ from rich.table import Table
 from tuneloop.config import ConfigError, RunConfig, load_config, parse_override
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError)
+# Exit and Abort subclass RuntimeError, yet they are the CLI's own exit paths, not user errors: ``typer.Exit(3)``
+# raised by a command must leave with status 3, not be printed as "error: 3". Newer typer has its own classes,
+# older typer re-exports click's; both are listed.
+CLI_EXITS: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort)
 
 
 def guarded(console: Console, action: Callable[[], None]) -> None:
-    """Run ``action``; a user error prints one clear message and exits 1, never a traceback."""
+    """Run ``action``; a user error prints one clear message and exits 1, never a traceback.
+
+    ``typer.Exit``/``typer.Abort`` raised inside ``action`` pass through untouched, so a command can choose
+    its own exit status (``tuneloop eval`` exits 3 when the gate fails).
+    """
     try:
         action()
+    except CLI_EXITS:
+        raise
     except EXPECTED_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -73,14 +74,20 @@ def comparisons_table(metrics: Mapping[str, Mapping[str, Any]]) -> Table | None:
 
 
 def regression_table(metrics: Mapping[str, Mapping[str, Any]]) -> Table | None:
+    """Base vs fine-tune on the general prompts; the fine-tune alone when the base was not evaluated."""
     base, ours = metrics.get("base", {}).get("regression"), metrics.get("finetuned", {}).get("regression")
-    if not base or not ours:
+    if not ours:
         return None
-    table = Table(title="regression check (general prompts, no task system prompt)")
-    for column in ("", "base", "fine-tuned", "change [95% CI]"):
+    title = "regression check (general prompts, no task system prompt)"
+    table = Table(title=title if base else title + "; no base model evaluated, nothing to compare with")
+    columns = ("", "base", "fine-tuned", "change [95% CI]") if base else ("", "fine-tuned")
+    for column in columns:
         table.add_column(column, justify="left" if not column else "right")
     for name, label in (("pass_rate", "passed"), ("format_bleed_rate", "in the task's format")):
-        if base.get(name) is None:
+        if ours.get(name) is None:
+            continue
+        if not base:
+            table.add_row(label, f"{ours[name]:.3f}")
             continue
         c = (ours.get("vs_base") or {}).get(name)
         change = "-" if c is None else f"{c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
@@ -90,6 +97,9 @@ def regression_table(metrics: Mapping[str, Mapping[str, Any]]) -> Table | None:
 
 def print_result(console: Console, result: Any) -> None:
     console.print(metrics_table(result.metrics, headline=result.headline))
+    if not any(system != "finetuned" for system in result.metrics):
+        console.print("no baseline evaluated (baselines: []): nothing says whether the fine-tune beats the base model",
+                      style="yellow", highlight=False, markup=False)
     for table in (comparisons_table(result.metrics), regression_table(result.metrics)):
         if table is not None:
             console.print(table)
@@ -127,6 +137,4 @@ def evaluate(console: Console, config: RunConfig) -> None:
     if result.gate is not None:
         print_gate(console, result.gate)
         if not result.gate.passed:
-            # SystemExit, not typer.Exit: click's Exit is a RuntimeError, which the CLI's user-error guard
-            # (commands.guarded) would print as "error: 3" and turn into exit status 1.
-            raise SystemExit(GATE_FAILED_EXIT)
+            raise typer.Exit(GATE_FAILED_EXIT)  # commands.guarded lets typer's own exits through
