@@ -7,11 +7,12 @@ lora_rank" with no file is how hours get lost.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tuneloop.config.schema import RunConfig
 
@@ -60,12 +61,14 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
 
 
 def _describe(exc: ValidationError, source: str) -> str:
-    known = sorted(RunConfig.model_fields)
     lines = [f"{source}: invalid config"]
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    errors = exc.errors()
+    for error in errors:
+        if _superseded(error, errors):
+            continue
+        key, known = _locate(error["loc"])
         if error["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(error["loc"][0]), known, n=1)
+            close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"  {key}: unknown key{hint}")
         elif error["type"] == "missing":
@@ -74,6 +77,61 @@ def _describe(exc: ValidationError, source: str) -> str:
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}: {message} (got {error.get('input')!r})")
     return "\n".join(lines)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold: ``GateConfig | None`` -> GateConfig; ``tuple[X | Y, ...]`` -> X, Y."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _locate(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
+    """The key's path as a user writes it (``gate.min_metrc``, ``baselines[2].nmae``) and the keys known in the
+    section holding it, so a typo inside ``gate:`` is matched against the gate's keys, not the top level's.
+
+    Pydantic's path also names the union member it tried (``baselines.2.EndpointBaseline.nmae``); such a
+    step narrows the section and is left out of the shown path.
+    """
+    models: list[type[BaseModel]] = [RunConfig]
+    shown = ""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            shown += f"[{part}]"
+            continue
+        member = [m for m in models if m.__name__ == part]
+        if member:
+            models = member
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [model for field in fields for model in _models_in(field.annotation)]
+        shown += f".{part}" if shown else str(part)
+    last = str(loc[-1]) if loc else "(top level)"
+    if loc and isinstance(loc[-1], int):
+        key = f"{shown}[{last}]"
+    elif shown and _is_union_tag(last, models):
+        key = shown  # "baselines[1]: Input should be 'base' or 'few_shot'", not "baselines[1].literal[...]"
+    else:
+        key = f"{shown}.{last}" if shown else last
+    known = sorted({name for model in models for name in model.model_fields})
+    return key, known
+
+
+def _is_union_tag(part: str, models: list[type[BaseModel]]) -> bool:
+    """Pydantic's name for a union member in an error path: a model's class name or ``literal['a','b']``."""
+    if any(part in model.model_fields for model in models):
+        return False
+    return any(model.__name__ == part for model in models) or "[" in part
+
+
+def _superseded(error: Any, errors: list[Any]) -> bool:
+    """A union member's mismatch (``baselines[2]`` is not the string ``base``) hidden when the same value also
+    failed as the mapping member: the mapping's own error ("unknown key nmae") is the one that helps."""
+    loc = error["loc"]
+    if not loc or not isinstance(loc[-1], str) or "[" not in loc[-1] and "'" not in loc[-1]:
+        return False
+    prefix = loc[:-1]
+    return any(other is not error and other["loc"][: len(prefix)] == prefix and len(other["loc"]) > len(loc) for other in errors)
 
 
 def dump_config(config: RunConfig) -> str:
