@@ -7,7 +7,6 @@ import re
 import pytest
 
 from tuneloop.config import validate_config
-from tuneloop.data import Conversation, Message, RowRef
 from tuneloop.evaluate.bootstrap import confidence_report
 from tuneloop.evaluate.gate import evaluate_gate
 from tuneloop.evaluate.report import write_report
@@ -34,7 +33,6 @@ def make(tmp_path, task_name="classification"):
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 2, "epoch": 1, "val_loss": 1.5}\n')
     spec = TaskSpec("classification", None, LABELS)
     task = get_task(task_name)
-    test = [Conversation((Message("user", t), Message("assistant", e)), RowRef("test.csv", i + 2), e) for i, (t, e) in enumerate(zip(INPUTS, EXPECTED))]
     predictions = {s: [task.parse_answer(o, spec) for o in outs] for s, outs in RAW.items()}
     metrics = {s: task.score(p, EXPECTED, spec) for s, p in predictions.items()}
     ci95, comparisons = confidence_report({s: task.statistics(p, EXPECTED, spec) for s, p in predictions.items()}, "finetuned", 200, 0)
@@ -44,7 +42,7 @@ def make(tmp_path, task_name="classification"):
     gate = evaluate_gate(config.gate, metrics)
     predictions_path = tmp_path / "run" / "eval" / "predictions.jsonl"
     result = EvalResult(tmp_path / "run", metrics, predictions_path, 1.0, task.name, task.headline, gate)
-    path = write_report(tmp_path / "run" / "eval" / "report.html", result, config, spec, test, EXPECTED, RAW, predictions)
+    path = write_report(tmp_path / "run" / "eval" / "report.html", result, config, spec, INPUTS, EXPECTED, RAW, predictions)
     return path.read_text(encoding="utf-8"), metrics
 
 

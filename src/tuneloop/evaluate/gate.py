@@ -56,6 +56,11 @@ def check_gate_names(gate: GateConfig | None, metric_names: Iterable[str], syste
             f"gate.min_gain: baseline(s) {', '.join(missing)} are not evaluated; "
             f"baselines in this run: {', '.join(sorted(evaluated - {'finetuned'})) or 'none'}"
         )
+    if gate.max_regression_drop is not None and "base" not in evaluated:
+        raise ValueError(
+            "gate.max_regression_drop compares the fine-tune with the base model on the regression prompts; "
+            "add base to baselines (this run evaluates: " + (", ".join(sorted(evaluated - {"finetuned"})) or "no baseline") + ")"
+        )
 
 
 def _value(metrics: Mapping[str, Any], name: str) -> float | None:

@@ -39,6 +39,18 @@ def schema_validator(schema: Mapping[str, Any] | None) -> Any:
     return cls(schema)
 
 
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality of JSON values as a consumer sees them: Python's ``True == 1`` would let ``{"urgent": 1}``
+    match ``{"urgent": true}``; here a boolean equals only a boolean (numbers still compare by value)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def _value(text: str) -> Any:
     return INVALID if text == INVALID else json.loads(text)
 
@@ -65,9 +77,10 @@ def per_example(
                     where = "/".join(str(p) for p in found.path) or "(root)"
                     error = f"{where}: {found.message}"
         keys = list(expected) if isinstance(expected, dict) else []
-        hits = {k: isinstance(predicted, dict) and k in predicted and predicted[k] == expected[k] for k in keys}
-        score = sum(hits.values()) / len(hits) if hits else float(valid and predicted == expected)
-        rows.append(JsonExample(valid, compliant, error, hits, score, valid and predicted == expected))
+        hits = {k: isinstance(predicted, dict) and k in predicted and json_equal(predicted[k], expected[k]) for k in keys}
+        exact = valid and json_equal(predicted, expected)
+        score = sum(hits.values()) / len(hits) if hits else float(exact)
+        rows.append(JsonExample(valid, compliant, error, hits, score, exact))
     return rows
 
 

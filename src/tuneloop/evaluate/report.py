@@ -19,7 +19,6 @@ from string import Template
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.config import RunConfig
-from tuneloop.data import Conversation
 from tuneloop.evaluate import report_plots as plots
 from tuneloop.tasks import TaskSpec, get_task
 
@@ -59,12 +58,14 @@ def _figure(uri: str | None, caption: str) -> str:
     return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool], row_classes: Sequence[str] = ()) -> str:
-    head = "".join(f'<th class="{"num" if n else ""}">{h}</th>' for h, n in zip(header, numeric))
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool], row_classes: Sequence[str] = (),
+           column_classes: Sequence[str] = ()) -> str:
+    columns = [" ".join(c for c in ("num" if n else "", extra) if c) for n, extra in zip(numeric, [*column_classes, *[""] * len(numeric)])]
+    head = "".join(f'<th class="{css}">{h}</th>' for h, css in zip(header, columns))
     body = []
     for index, row in enumerate(rows):
         css = row_classes[index] if index < len(row_classes) else ""
-        cells = "".join(f'<td class="{"num" if n else ""}">{c}</td>' for c, n in zip(row, numeric))
+        cells = "".join(f'<td class="{c_css}">{c}</td>' for c, c_css in zip(row, columns))
         body.append(f'<tr class="{css}">{cells}</tr>')
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -84,23 +85,46 @@ def _gate(result: EvalResult) -> str:
     return f'<section class="gate {verdict}"><h2>{title}</h2><ul>{items}</ul></section>'
 
 
+def _paired(comparison: Mapping[str, Any] | None) -> str:
+    """One paired test in a headline cell: the fine-tune's lead over this baseline, its interval, p, verdict."""
+    if not comparison:
+        return "&ndash;"
+    css = {"better": "better", "worse": "worse"}.get(comparison["verdict"], "same")
+    low, high = comparison["ci95"]
+    return (
+        f'{comparison["delta"]:+.3f} <span class="ci">[{low:+.3f}, {high:+.3f}]</span><br>'
+        f'<span class="{css}">{_e(comparison["verdict"])}</span> <span class="ci">p {_p(comparison["p_value"])}</span>'
+    )
+
+
 def _headline(result: EvalResult) -> str:
+    """Systems as columns (fine-tune first), each metric with its 95% interval; below the metrics, the
+    paired test of the fine-tune against each baseline column, so one table answers "better, and by how much?"."""
     metrics, headline = result.metrics, [m for m in result.headline if any(m in s for s in result.metrics.values())]
     extra = [m for m in ("invalid_rate", "judge_score") if any(isinstance(s.get(m), (int, float)) for s in metrics.values())]
-    header = ["system", *[m.replace("_", " ") for m in headline + extra], "n"]
-    rows, classes = [], []
-    for system, values in metrics.items():
-        cells = [_e(_system_name(system))]
-        for name in headline + extra:
-            cells.append(_num(values.get(name)) + _ci(values.get("ci95", {}).get(name)))
-        cells.append(str(values.get("n", "")))
-        rows.append(cells)
-        classes.append("finetuned" if system == "finetuned" else "")
-    table = _table(header, rows, [False, *[True] * (len(header) - 1)], classes)
-    note = (
-        '<p class="note">Bracketed: bootstrap 95% interval over the test examples. Differences between systems are '
-        "tested on paired resamples below; overlapping intervals alone do not mean a difference is noise.</p>"
-    )
+    systems = ["finetuned", *(s for s in metrics if s != "finetuned")] if "finetuned" in metrics else list(metrics)
+    comparisons = metrics.get("finetuned", {}).get("comparisons") or {}
+    header = ["", *[_e(_system_name(s)) for s in systems]]
+    rows = []
+    for name in headline + extra:
+        rows.append([_e(name.replace("_", " ")), *[_num(metrics[s].get(name)) + _ci(metrics[s].get("ci95", {}).get(name)) for s in systems]])
+    for name in headline:
+        if any(name in comparisons.get(s, {}) for s in systems):
+            label = f"fine-tuned minus this, {_e(name.replace('_', ' '))} (paired)"
+            rows.append([label, *["" if s == "finetuned" else _paired(comparisons.get(s, {}).get(name)) for s in systems]])
+    rows.append(["examples", *[str(metrics[s].get("n", "")) for s in systems]])
+    table = _table(header, rows, [False, *[True] * len(systems)], column_classes=["", *["ft" if s == "finetuned" else "" for s in systems]])
+    if len(systems) == 1:
+        note = (
+            '<p class="note"><b>No baseline was evaluated</b> (<code>baselines: []</code>): these numbers stand alone, and '
+            "nothing here says whether the fine-tune beats the base model or a few-shot prompt.</p>"
+        )
+    else:
+        note = (
+            '<p class="note">Bracketed after each number: its bootstrap 95% interval over the test examples. The paired rows '
+            "test the fine-tune against that column on the same resamples (difference, its 95% interval, bootstrap p); "
+            "a difference is called better or worse only when its interval excludes zero.</p>"
+        )
     return "<h2>Headline</h2>" + table + note + _figure(plots.headline_chart(metrics, headline), "headline metrics with 95% intervals")
 
 
@@ -143,10 +167,16 @@ def _classification(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         if "confusion" in metrics.get(system, {}):
             parts.append(_figure(plots.confusion_chart(metrics[system]["confusion"], _system_name(system)), f"confusion matrix, {_system_name(system)}"))
     parts.append("</div>")
-    confusions = _top_confusions(metrics.get("finetuned", {}).get("confusion") or {})
+    confusions = _top_confusions(metrics.get("finetuned", {}).get("confusion") or {}, shown=10 if labels <= 16 else 25)
     if confusions:
         parts.append("<h3>Most frequent confusions (fine-tuned)</h3>")
-        parts.append(_table(["expected", "answered", "count"], [[_e(a), _e(b), str(n)] for a, b, n in confusions], [False, False, True]))
+        rows = [[_e(a), _e(b), str(n), _num(share)] for a, b, n, share in confusions]
+        parts.append(_table(["expected", "answered", "count", "share of expected"], rows, [False, False, True, True]))
+        if labels > 16:
+            parts.append(
+                f'<p class="note">With {labels - 1} labels the matrices above show patterns only (no per-cell numbers); '
+                "this table and the per-label scores below are the numbers to read.</p>"
+            )
     per_label = metrics.get("finetuned", {}).get("per_label") or {}
     if per_label:
         systems = [s for s in metrics if metrics[s].get("per_label")]
@@ -160,10 +190,13 @@ def _classification(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _top_confusions(confusion: Mapping[str, Any], shown: int = 10) -> list[tuple[str, str, int]]:
-    """Off-diagonal cells, largest first: with dozens of labels, the readable summary of the matrix."""
+def _top_confusions(confusion: Mapping[str, Any], shown: int = 10) -> list[tuple[str, str, int, float]]:
+    """Off-diagonal cells, largest first, with their share of the expected label's examples: with dozens of
+    labels, the readable summary of the matrix. Ties keep the matrix order, so the table is stable."""
     labels, matrix = confusion.get("labels") or [], confusion.get("matrix") or []
-    cells = [(labels[i], labels[j], n) for i, row in enumerate(matrix) for j, n in enumerate(row) if i != j and n]
+    cells = [
+        (labels[i], labels[j], n, n / max(sum(row), 1)) for i, row in enumerate(matrix) for j, n in enumerate(row) if i != j and n
+    ]
     return sorted(cells, key=lambda cell: -cell[2])[:shown]
 
 
@@ -206,7 +239,7 @@ def _cell(raw: str, parsed: str, right: bool) -> str:
     return f'<td class="{"right" if right else "wrong"}">{shown}</td>'
 
 
-def _failures(result: EvalResult, spec: TaskSpec, test: Sequence[Conversation], references: Sequence[str],
+def _failures(result: EvalResult, spec: TaskSpec, inputs: Sequence[str], references: Sequence[str],
               outputs: Mapping[str, Sequence[str]], predictions: Mapping[str, Sequence[str]]) -> str:
     task = get_task(result.task)
     if task.example_scores is None or "finetuned" not in outputs:
@@ -221,7 +254,7 @@ def _failures(result: EvalResult, spec: TaskSpec, test: Sequence[Conversation], 
     head = "<tr><th>input</th><th>expected</th>" + "".join(f"<th>{_e(_system_name(s))}</th>" for s in columns) + "</tr>"
     rows = []
     for i in order:
-        text = test[i].prompt[-1].content
+        text = inputs[i]
         text = text if len(text) <= CELL_CHARS else text[:CELL_CHARS] + " ..."
         cells = [f"<td>{_e(text)}</td>", f"<td>{_e(references[i])}</td>"]
         cells += [_cell(outputs[s][i], predictions[s][i], scores[s][i] >= 1.0) for s in columns]
@@ -234,41 +267,57 @@ def _failures(result: EvalResult, spec: TaskSpec, test: Sequence[Conversation], 
 
 
 def _regression(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Base vs fine-tune on the general prompts; the fine-tune alone when no base model was evaluated."""
     base, ours = metrics.get("base", {}).get("regression"), metrics.get("finetuned", {}).get("regression")
-    if not base or not ours:
-        return '<h2>Regression check</h2><p class="note">Off (<code>regression_check: false</code>) or no base model evaluated.</p>'
+    if not ours:
+        return '<h2>Regression check</h2><p class="note">Off (<code>regression_check: false</code>).</p>'
+    columns = [(who, result) for who, result in (("base", base), ("fine-tuned", ours)) if result]
     vs = ours.get("vs_base", {})
     rows = []
     for name, label in (("pass_rate", "general prompts passed"), ("format_bleed_rate", "answers in the task's format")):
-        if base.get(name) is None:
+        if ours.get(name) is None:
             continue
         c = vs.get(name)
-        change = ["&ndash;"] * 3 if c is None else [f"{c['delta']:+.3f}", f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _p(c["p_value"])]
-        rows.append([label, _num(base[name]) + _ci(base.get("ci95", {}).get(name)), _num(ours[name]) + _ci(ours.get("ci95", {}).get(name)), *change])
-    table = _table(["", "base", "fine-tuned", "change", "95% CI", "p"], rows, [False, True, True, True, True, True])
-    categories = sorted(set(base["per_category"]) | set(ours["per_category"]))
+        change = [] if not base else ["&ndash;"] * 3 if c is None else [f"{c['delta']:+.3f}", f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", _p(c["p_value"])]
+        rows.append([label, *[_num(r[name]) + _ci(r.get("ci95", {}).get(name)) for _, r in columns], *change])
+    header = ["", *[who for who, _ in columns], *(["change", "95% CI", "p"] if base else [])]
+    table = _table(header, rows, [False, *[True] * (len(header) - 1)])
+    categories = sorted(set().union(*(r["per_category"] for _, r in columns)))
+
     def passed(result: Mapping[str, Any], category: str) -> str:
         counts = result["per_category"].get(category, {})
         return f"{counts.get('passed', 0)}/{counts.get('n', 0)}"
 
     per_category = _table(
         ["passed", *[_e(c) for c in categories]],
-        [[who, *[passed(result, c) for c in categories]] for who, result in (("base", base), ("fine-tuned", ours))],
+        [[who, *[passed(result, c) for c in categories]] for who, result in columns],
         [False, *[True] * len(categories)],
     )
-    forgotten = [(b, o) for b, o in zip(base["answers"], ours["answers"]) if (b["passed"] and not o["passed"]) or o["format_bleed"]]
     cases = ""
-    if forgotten:
-        body = "".join(
-            f"<tr><td>{_e(b['prompt'])}</td>{_cell(b['answer'], b['answer'], b['passed'])}{_cell(o['answer'], o['answer'], o['passed'] and not o['format_bleed'])}</tr>"
-            for b, o in forgotten[:WORST_SHOWN]
-        )
-        cases = (f'<h3>Forgotten or bled ({len(forgotten)})</h3><table class="cases"><thead><tr><th>general prompt</th>'
-                 f"<th>base</th><th>fine-tuned</th></tr></thead><tbody>{body}</tbody></table>")
+    if base:
+        forgotten = [(b, o) for b, o in zip(base["answers"], ours["answers"]) if (b["passed"] and not o["passed"]) or o["format_bleed"]]
+        if forgotten:
+            body = "".join(
+                f"<tr><td>{_e(b['prompt'])}</td>{_cell(b['answer'], b['answer'], b['passed'])}{_cell(o['answer'], o['answer'], o['passed'] and not o['format_bleed'])}</tr>"
+                for b, o in forgotten[:WORST_SHOWN]
+            )
+            cases = (f'<h3>Forgotten or bled ({len(forgotten)})</h3><table class="cases"><thead><tr><th>general prompt</th>'
+                     f"<th>base</th><th>fine-tuned</th></tr></thead><tbody>{body}</tbody></table>")
+    else:
+        failed = [o for o in ours["answers"] if not o["passed"] or o["format_bleed"]]
+        if failed:
+            body = "".join(
+                f"<tr><td>{_e(o['prompt'])}</td>{_cell(o['answer'], o['answer'], False)}</tr>" for o in failed[:WORST_SHOWN]
+            )
+            cases = (f'<h3>Failed or bled ({len(failed)})</h3><table class="cases"><thead><tr><th>general prompt</th>'
+                     f"<th>fine-tuned</th></tr></thead><tbody>{body}</tbody></table>")
     note = (
         f'<p class="note">{ours["n"]} general-purpose prompts (knowledge, arithmetic, language, instructions, reasoning) '
         "asked without the task's system prompt, each checked by a rule. A drop means forgetting; answers in the task's "
-        "format (a bare label, a JSON object) to unrelated prompts mean format bleed.</p>"
+        "format (a bare label, a JSON object) to unrelated prompts mean format bleed."
+        + ("" if base else " No base model was evaluated (<code>base</code> is not in <code>baselines</code>), so there is "
+           "no before to compare with: forgetting cannot be measured here.")
+        + "</p>"
     )
     return "<h2>Regression check</h2>" + note + table + per_category + cases
 
@@ -292,32 +341,69 @@ def _judge(judge: Mapping[str, Any] | None) -> str:
     return "<h2>LLM judge</h2>" + note + table
 
 
-def write_report(path: Path, result: EvalResult, config: RunConfig, spec: TaskSpec, test: Sequence[Conversation], references: Sequence[str],
+def write_report(path: Path, result: EvalResult, config: RunConfig, spec: TaskSpec, inputs: Sequence[str], references: Sequence[str],
                  outputs: Mapping[str, Sequence[str]], predictions: Mapping[str, Sequence[str]]) -> Path:
+    """The page, from what an evaluation produced: ``inputs`` are the test prompts' last user turns, ``outputs``
+    the raw answers and ``predictions`` the task's readings of them, per system (as in ``predictions.jsonl``)."""
     run_dir = Path(config.output_dir)
     record = {}
     if (run_dir / "record.json").is_file():
         record = json.loads((run_dir / "record.json").read_text(encoding="utf-8"))
     base_model = (record.get("base_model") or {}).get("name", config.base_model)
     facts = {
-        "task": result.task, "base model": base_model, "adapter": config.adapter, "test set": f"{Path(str(config.test_file)).name} ({len(test)} examples)",
+        "task": result.task, "base model": base_model, "adapter": config.adapter, "test set": f"{Path(str(config.test_file)).name} ({len(inputs)} examples)",
         "bootstrap": f"{config.bootstrap_samples} resamples", "evaluated": time.strftime("%Y-%m-%d %H:%M"),
     }
     body = [
         '<div class="facts">' + "".join(f"<span>{_e(k)}: <b>{_e(v)}</b></span>" for k, v in facts.items()) + "</div>",
         _gate(result), _headline(result), _comparisons(result), _training(run_dir),
         TASK_SECTIONS.get(result.task, lambda m: "")(result.metrics),
-        _failures(result, spec, test, references, outputs, predictions),
-        _regression(result.metrics) if config.regression_check else "",
+        _failures(result, spec, inputs, references, outputs, predictions),
+        _regression(result.metrics) if config.regression_check or any("regression" in m for m in result.metrics.values()) else "",
         _judge(result.judge),
     ]
     template = Template(resources.files("tuneloop.evaluate").joinpath("report_template.html").read_text(encoding="utf-8"))
     page = template.substitute(
         title=_e(f"tuneloop evaluation: {run_dir.name}"),
-        subtitle=_e(f"{run_dir} - fine-tuned vs {', '.join(_system_name(s) for s in result.metrics if s != 'finetuned') or 'no baselines'}"),
+        subtitle=_e(f"{run_dir} - fine-tuned vs {', '.join(_system_name(s) for s in result.metrics if s != 'finetuned') or 'no baseline (baselines: [])'}"),
         body="\n".join(part for part in body if part),
         footer=_e(f"Numbers from {run_dir / 'eval' / 'metrics.json'} and {result.predictions_path.name}; generated by tuneloop."),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def render_run_report(run_dir: Path) -> Path:
+    """Re-draw ``<run_dir>/eval/report.html`` from the run's files alone: no model, no test set, no GPU.
+
+    Every number the page shows is in the run directory (``eval/metrics.json``, ``eval/predictions.jsonl``,
+    ``gate.json``/``judge.json`` when present; the task from ``adapter/tuneloop.json``; the facts from
+    ``config.yaml``), so a report can be re-rendered after a run copied off a GPU machine, and a layout for 77
+    labels can be tested on a synthetic run directory.
+    """
+    from tuneloop.config import load_config
+    from tuneloop.evaluate.gate import GateCheck, GateResult
+    from tuneloop.evaluate.run import EvalResult
+    from tuneloop.models.trained import META_FILE, find_artifact
+
+    run_dir = Path(run_dir)
+    eval_dir = run_dir / "eval"
+    config = load_config(run_dir / "config.yaml", {"output_dir": str(run_dir)})
+    meta = json.loads((find_artifact(run_dir) / META_FILE).read_text(encoding="utf-8"))
+    spec = TaskSpec.from_dict(meta["task"])
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    gate = judge = None
+    if (eval_dir / "gate.json").is_file():
+        checks = json.loads((eval_dir / "gate.json").read_text(encoding="utf-8"))["checks"]
+        gate = GateResult(tuple(GateCheck(c["condition"], c["passed"], c["detail"]) for c in checks))
+    if (eval_dir / "judge.json").is_file():
+        judge = json.loads((eval_dir / "judge.json").read_text(encoding="utf-8"))
+    task = get_task(spec.task)
+    result = EvalResult(run_dir, metrics, eval_dir / "predictions.jsonl", 0.0, task.name, task.headline, gate, None, judge)
+    return write_report(
+        eval_dir / "report.html", result, config, spec,
+        [r["input"] for r in rows], [r["expected"] for r in rows],
+        {s: [r[f"{s}_raw"] for r in rows] for s in metrics}, {s: [r[s] for r in rows] for s in metrics},
+    )

@@ -154,9 +154,12 @@ def run(config: RunConfig, *, progress: ProgressCallback | None = None) -> EvalR
     for system in metrics:
         metrics[system]["ci95"] = ci95.get(system, {})
     metrics["finetuned"]["comparisons"] = comparisons
+    # Said outright, so that an empty `comparisons` reads as "nothing to compare with", not as "no difference".
+    metrics["finetuned"]["baselines"] = [s for s in metrics if s != "finetuned"]
 
     if config.regression_check:
-        for system, result in _regression(config, models, task, spec, progress).items():
+        regression_systems = [s for s in ("base", "finetuned") if s in metrics]
+        for system, result in _regression(config, models, task, spec, regression_systems, progress).items():
             metrics[system]["regression"] = result
 
     judge = None
@@ -190,7 +193,8 @@ def run(config: RunConfig, *, progress: ProgressCallback | None = None) -> EvalR
     )
     from tuneloop.evaluate.report import write_report
 
-    report_path = write_report(eval_dir / "report.html", result, config, spec, test, references, outputs, predictions)
+    inputs = [c.prompt[-1].content for c in test]
+    report_path = write_report(eval_dir / "report.html", result, config, spec, inputs, references, outputs, predictions)
     result = replace(result, report_path=report_path, seconds=time.perf_counter() - started)
     update_record(
         Path(config.output_dir),
@@ -213,12 +217,18 @@ def _metric_names(task: Task, references: Sequence[str], spec: TaskSpec) -> list
 
 
 def _regression(
-    config: RunConfig, models: LocalModels, task: Task, spec: TaskSpec, progress: ProgressCallback | None
+    config: RunConfig,
+    models: LocalModels,
+    task: Task,
+    spec: TaskSpec,
+    systems: Sequence[str],
+    progress: ProgressCallback | None,
 ) -> dict[str, dict[str, Any]]:
+    """General prompts for ``systems`` (base and fine-tune; the fine-tune alone with ``baselines: []``)."""
     prompts = regression_check.load_prompts(config.regression_prompts)
     conversations = [[Message("user", p.prompt)] for p in prompts]
     scored = {}
-    for system in ("base", "finetuned"):
+    for system in systems:
         answers = models.answer(
             system,
             conversations,
