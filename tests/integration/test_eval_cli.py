@@ -1,36 +1,29 @@
-"""``tuneloop eval`` end to end on the tiny model: metrics with intervals, report, gate exit codes, JSON task."""
+"""``tuneloop eval`` end to end on the tiny model: metrics with intervals, report, gate exit codes, JSON task,
+no baselines, and bench/verify_eval.py recomputing every number from predictions.jsonl."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import write_jsonl
+from tests.conftest import tiny_run_settings, write_jsonl
 from tuneloop.cli.main import app
 
 pytestmark = pytest.mark.integration
 
 runner = CliRunner()
+VERIFIER = Path(__file__).resolve().parents[2] / "bench" / "verify_eval.py"
 
 
 def write_config(tmp_path, tiny_model_dir, tiny_dataset, **extra) -> str:
     config = {
-        "base_model": str(tiny_model_dir),
-        "task": "classification",
-        "train_file": str(tiny_dataset["train"]),
-        "validation_file": str(tiny_dataset["validation"]),
-        "test_file": str(tiny_dataset["test"]),
-        "output_dir": str(tmp_path / "run"),
-        "epochs": 2,
-        "batch_size": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "precision": "fp32",
-        "few_shot_k": 3,
-        "max_new_tokens": 4,
+        **tiny_run_settings(tiny_model_dir, tiny_dataset, tmp_path / "run"),
         "regression_max_new_tokens": 8,
         "bootstrap_samples": 200,
         **extra,
@@ -74,11 +67,11 @@ def test_eval_writes_intervals_comparisons_regression_and_report(tmp_path, train
             assert low <= values[name] + 1e-9 and values[name] - 1e-9 <= high
     comparisons = metrics["finetuned"]["comparisons"]
     assert set(comparisons) == {"base", "few_shot"}
-    for table in comparisons.values():
-        assert table["accuracy"]["delta"] == pytest.approx(metrics["finetuned"]["accuracy"] - metrics["base"]["accuracy"]) or True
+    for baseline, table in comparisons.items():
+        assert table["accuracy"]["delta"] == pytest.approx(metrics["finetuned"]["accuracy"] - metrics[baseline]["accuracy"])
         assert 0.0 < table["accuracy"]["p_value"] <= 1.0
         assert table["accuracy"]["verdict"] in ("better", "worse", "no significant difference")
-    assert comparisons["base"]["accuracy"]["delta"] == pytest.approx(metrics["finetuned"]["accuracy"] - metrics["base"]["accuracy"])
+    assert metrics["finetuned"]["baselines"] == ["base", "few_shot"]
     for system in ("base", "finetuned"):
         regression = metrics[system]["regression"]
         assert regression["n"] == 40 and len(regression["answers"]) == 40
@@ -90,6 +83,41 @@ def test_eval_writes_intervals_comparisons_regression_and_report(tmp_path, train
     assert "data:image/png;base64," in report
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["eval"]["ci95"]["finetuned"]["accuracy"] == metrics["finetuned"]["ci95"]["accuracy"]
+
+    code, verdict = verify(tmp_path / "run")
+    assert code == 0 and verdict["ok"], verdict
+    assert verdict["systems"] == ["finetuned", "base", "few_shot"] and verdict["numbers_checked"] > 50
+    metrics["few_shot"]["per_label"]["billing"]["recall"] += 0.25  # a number that predictions.jsonl does not support
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    code, verdict = verify(tmp_path / "run")
+    assert code == 1 and [m["where"] for m in verdict["mismatches"]] == ["few_shot.per_label.billing.recall"]
+
+
+def verify(run_dir: Path) -> tuple[int, dict]:
+    """bench/verify_eval.py as a user runs it: its own process, nothing shared with the evaluation."""
+    done = subprocess.run([sys.executable, str(VERIFIER), str(run_dir)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_eval_without_baselines_reports_the_finetune_alone(tmp_path, trained_run):
+    result = runner.invoke(app, ["eval", trained_run, "--set", "baselines=[]"])
+    assert result.exit_code == 0, result.output
+    assert "no baseline evaluated" in result.output
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert list(metrics) == ["finetuned"]
+    assert metrics["finetuned"]["baselines"] == [] and metrics["finetuned"]["comparisons"] == {}
+    regression = metrics["finetuned"]["regression"]
+    assert regression["n"] == 40 and regression["vs_base"] == {}
+    report = (tmp_path / "run" / "eval" / "report.html").read_text()
+    assert "No baseline was evaluated" in report
+    assert "forgetting cannot be measured here" in report
+    code, verdict = verify(tmp_path / "run")
+    assert code == 0 and verdict["systems"] == ["finetuned"], verdict
+
+    gated = runner.invoke(app, ["eval", trained_run, "--set", "baselines=[]", "--set", "gate={max_regression_drop: 0.05}"])
+    assert gated.exit_code == 1
+    assert "gate.max_regression_drop compares the fine-tune with the base model" in gated.output
 
 
 def test_gate_failure_exits_3_and_names_the_condition(tmp_path, trained_run):
@@ -178,3 +206,5 @@ def test_json_task_reports_valid_and_schema_rates(tmp_path, tiny_model_dir):
         assert set(values["ci95"]) == {"valid_json_rate", "schema_compliance_rate", "field_accuracy", "exact_match"}
     assert json.loads(rows[0]["expected"]) == TEST_JSON[0][1]
     assert "JSON details" in (tmp_path / "run" / "eval" / "report.html").read_text()
+    code, verdict = verify(tmp_path / "run")  # schema compliance recomputed with jsonschema, schema from config.yaml
+    assert code == 0 and verdict["task"] == "json", verdict
