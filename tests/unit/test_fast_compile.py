@@ -173,3 +173,14 @@ def test_auto_is_eager_on_cpu_and_the_registry_knows_every_config_value(tiny_con
     assert set(KERNELS) == set(get_args(RunConfig.model_fields["kernels"].annotation))
     with pytest.raises(KeyError, match="unknown kernels"):
         get_kernel_choice("triton")
+
+
+@pytest.mark.parametrize(("max_seq_len", "expected"), [(512, "eager"), (2048, "sdpa")])
+def test_auto_on_cpu_uses_plain_attention_for_short_sequences(tiny_model_dir, tiny_config, tmp_path, max_seq_len, expected):
+    config = tiny_config(output_dir=str(tmp_path / "run"), kernels="auto", max_seq_len=max_seq_len)
+    model = build(tiny_model_dir, config)
+    model.get_base_model().set_attn_implementation("sdpa")
+    report = apply_fast_path(model, config, device=CPU, tokens_per_micro_batch=64)
+    assert report.kernels == "eager"
+    assert model.get_base_model().config._attn_implementation == expected
+    assert ("plain matmul" in report.reasons[1]) == (expected == "eager")

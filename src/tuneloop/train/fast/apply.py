@@ -84,7 +84,7 @@ def apply_fast_path(
     if plan.offload and config.kernels != "eager":
         outcome = KernelOutcome("eager", 0, f"kernels: {config.kernels} not applied: offloaded inputs' saved-tensor hooks are not traced by torch.compile")
     else:
-        options = CompileOptions(backend=compile_backend, autocast_dtype=autocast_dtype)
+        options = CompileOptions(backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len)
         outcome = get_kernel_choice(config.kernels)(model, layers, device, options)
     return FastPathReport(
         kernels=outcome.kernels,
