@@ -68,6 +68,7 @@ def _warm_model_cache(config: Path, overrides: list[str]) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"stack": "tuneloop", "method": "lora", "workload": "c", "config": str(args.config)}
     out_dir = _output_dir(args.config, args.set)
+    row["output_dir"] = str(out_dir)
     if not args.cold:  # a GGUF base is dequantized and cached once per machine, before any run; not a training cost
         row["model_cache_s"] = round(_warm_model_cache(args.config, args.set), 1)
     if args.warm_compile:  # a short untimed run fills torch.compile's on-disk caches, as a user's earlier run would
