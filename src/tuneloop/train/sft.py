@@ -83,7 +83,7 @@ def run(
 
     # --- the loop: same data order, optimizer, scheduler and RNG whether resumed or not --------------------
     # packing changes the layout of a batch (one row, no padding), never which examples form it
-    make_batch = batch_collator(config.packing, tokenizer.pad_token_id)
+    make_batch = batch_collator(config.packing, tokenizer.pad_token_id, config.max_seq_len)  # one bound: no recompiles
     loop_data = LoopData(
         epoch_batches=lambda epoch: epoch_batches(train_set, config.batch_size, config.seed, epoch),
         collate=lambda indices: make_batch([train_set[i] for i in indices]),

@@ -11,6 +11,10 @@ quadratic in the row and keeps SDPA off its flash kernel. Instead:
 * elsewhere (CPU, fp32, attention dropout, a torch without ``varlen_attn``) SDPA runs with a block-diagonal
   causal mask built from the same boundaries: correct, and slower.
 
+Both paths run inside compiled decoder layers (``kernels: compile``), so neither may branch on a value that
+changes per batch: the masked path computes everything from the ``cu_seq_lens`` tensor, and the flash path's
+``max_length`` is the run's one bound (:func:`tuneloop.train.fast.packing.pack`), not the batch's longest.
+
 How it plugs in, through transformers' official registries only: :func:`packed_attention` registers
 :func:`varlen_attention_forward` in ``AttentionInterface`` and :func:`varlen_mask` in
 ``AttentionMaskInterface`` under :data:`ATTENTION_NAME`, then selects it on *one model instance* with
@@ -39,6 +43,7 @@ from tuneloop.compat.varlen_attn import VarlenAPI, causal_varlen_attention, inst
 ATTENTION_NAME = "tuneloop_varlen"
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
+_INSTALLED_VARLEN: VarlenAPI | None = installed_varlen_api()  # a constant of the installed torch
 
 
 def varlen_attention_forward(
@@ -168,8 +173,13 @@ def block_causal_mask(segments: torch.Tensor, sliding_window: int | None = None)
 def _flash_api(
     query: torch.Tensor, dropout: float, sliding_window: int | None, max_length: int
 ) -> VarlenAPI | None:
-    """The installed ``varlen_attn`` if its flash kernel can run this call, else ``None`` (masked SDPA then)."""
-    api = installed_varlen_api()
+    """The installed ``varlen_attn`` if its flash kernel can run this call, else ``None`` (masked SDPA then).
+
+    Runs inside compiled layers, so it reads :data:`_INSTALLED_VARLEN` (resolved once at import) rather than
+    calling :func:`installed_varlen_api`: dynamo would trace through its cache wrapper into the signature
+    inspection on every compile.
+    """
+    api = _INSTALLED_VARLEN
     if api is None or not query.is_cuda or dropout > 0.0:
         return None
     head_dim = query.shape[-1]

@@ -216,7 +216,7 @@ def _capture_layer_inputs(
         with torch.enable_grad():  # as in training: which layer inputs need a gradient is part of the kind
             mask = torch.ones_like(ids)
             mask[1, -4:] = 0
-            entry(input_ids=ids, attention_mask=mask)
+            entry(input_ids=ids, attention_mask=mask, use_cache=False)  # as training runs (packing.model_inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -10,6 +10,11 @@ examples into one ``[1, T]`` row where ``T`` is their total length, and describe
 * the label of each example's first token is masked: after the causal shift it would be the target of the
   *previous* example's last token, a prediction across the boundary that the padded layout never makes.
 
+``max_length`` is an upper bound, not the batch's own longest example: under compiled layers
+(:mod:`tuneloop.train.fast.compile`) a Python int that changes from batch to batch is a value dynamo may
+specialise on, i.e. a recompile per batch. A run therefore passes one bound for all its batches (its
+``max_seq_len``); the flash varlen kernel only sizes its grid by it, blocks past an example's end exit at once.
+
 The batch holds the same examples as the padded one (``epoch_batches`` is unchanged), so the loss, the
 trained-token count and therefore the gradient are the same; only the layout differs.
 """
@@ -26,11 +31,16 @@ from tuneloop.data.types import EncodedExample
 from tuneloop.train.batching import collate
 
 
-def pack(examples: Sequence[EncodedExample]) -> dict[str, Any]:
-    """One row of the examples end to end, with per-example positions and boundaries (no padding)."""
+def pack(examples: Sequence[EncodedExample], max_length: int | None = None) -> dict[str, Any]:
+    """One row of the examples end to end, with per-example positions and boundaries (no padding).
+
+    ``max_length``: the bound reported to attention (see the module docstring); default the longest example.
+    """
     if not examples:
         raise ValueError("cannot pack an empty batch")
     lengths = [len(e.input_ids) for e in examples]
+    if max_length is not None and max(lengths) > max_length:
+        raise ValueError(f"an example of {max(lengths)} tokens is longer than the packing bound {max_length}")
     input_ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)
     labels = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long)
     cu_seq_lens = torch.zeros(len(examples) + 1, dtype=torch.int32)
@@ -42,14 +52,17 @@ def pack(examples: Sequence[EncodedExample]) -> dict[str, Any]:
         "labels": labels.unsqueeze(0),
         "position_ids": position_ids.unsqueeze(0),
         "cu_seq_lens": cu_seq_lens,
-        "max_length": max(lengths),
+        "max_length": max(lengths) if max_length is None else max_length,
     }
 
 
-def batch_collator(packing: bool, pad_token_id: int) -> Callable[[Sequence[EncodedExample]], dict[str, Any]]:
-    """The layout a run's batches use: packed rows, or right-padded rows (the default)."""
+def batch_collator(
+    packing: bool, pad_token_id: int, max_length: int | None = None
+) -> Callable[[Sequence[EncodedExample]], dict[str, Any]]:
+    """The layout a run's batches use: packed rows (``max_length``: the run's one bound, its ``max_seq_len``),
+    or right-padded rows (the default)."""
     if packing:
-        return pack
+        return lambda examples: pack(examples, max_length)
     return lambda examples: collate(examples, pad_token_id)
 
 
@@ -65,11 +78,17 @@ def model_inputs(
     A packed row passes no attention mask (with one, transformers would build a dense ``[T, T]`` mask); its
     boundaries travel as the varlen keywords transformers forwards to the attention function. Even under
     plain ``sdpa`` the row stays correct: transformers then builds a block mask from the restarting positions.
+
+    ``use_cache=False`` always: a training or validation forward never reads a KV cache, and building one
+    (transformers does whenever the config's ``use_cache`` is on, as in most released models) costs memory
+    and, under compiled layers, one graph *per layer*: each layer writes the cache at its own ``layer_idx``,
+    a constant dynamo guards on, so a 30-layer model ran past dynamo's recompile limit (issue 7, workload c).
     """
     if cu_seq_lens is None:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     return {
         "input_ids": input_ids,
+        "use_cache": False,
         "position_ids": position_ids,
         "cu_seq_lens_q": cu_seq_lens,
         "cu_seq_lens_k": cu_seq_lens,
