@@ -65,6 +65,13 @@ def _warm_model_cache(config: Path, overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def _outside_run(wall_s: float, startup: dict[str, float] | None, loop_s: float | None) -> float | None:
+    """Seconds of the command spent neither in the run's set-up phases nor in its loop."""
+    if not startup or loop_s is None:
+        return None
+    return round(wall_s - sum(startup.values()) - loop_s, 1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"stack": "tuneloop", "method": "lora", "workload": "c", "config": str(args.config)}
     out_dir = _output_dir(args.config, args.set)
@@ -86,6 +93,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": train.get("epochs"),
         "steps": train.get("steps"),
         "final_loss": train.get("final_loss"),
+        # where the wall time went: the run's set-up phases (record.json startup_seconds), the loop, and the
+        # rest (interpreter start and imports, saving the adapter and record, exit)
+        "startup_s": record.get("startup_seconds"),
+        "outside_run_s": _outside_run(train_s, record.get("startup_seconds"), train.get("train_seconds")),
         "fast_path": {k: record["config"].get(k) for k in ("packing", "kernels", "gradient_checkpointing",
                                                             "memory_budget_gib", "batch_size", "learning_rate")},
         "versions": record.get("versions"),

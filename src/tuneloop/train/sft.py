@@ -8,6 +8,7 @@ validation, early stopping, checkpoints, exact resume) -> the adapter, its chat 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = ["RunDirectoryError", "TrainResult", "run"]
 def run(
     config: RunConfig, *, resume: bool = False, overwrite: bool = False, observer: TrainObserver | None = None
 ) -> TrainResult:
+    phases = _PhaseClock()  # where a run's seconds go before its first step (record.json: startup_seconds)
     accelerator, setup, precision = start(config)
     out = Path(config.output_dir)
     if accelerator.is_main_process:
@@ -61,12 +63,15 @@ def run(
         source = resolve_model(config.base_model)
     tokenizer = load_tokenizer(source)
     renderer = ChatRenderer(tokenizer)
+    phases.mark("start_and_tokenizer")
     data = prepare_data(config)
     if not config.allow_data_leakage:
         test = load_split(config, config.test_file, data.spec)
         require_no_leakage(data.train, {"validation": data.validation, "test": test})
+    phases.mark("data_read")
     train_set, train_report = encode_dataset(renderer, data.train, config.max_seq_len, config.truncation)
     val_set, val_report = encode_dataset(renderer, data.validation, config.max_seq_len, config.truncation)
+    phases.mark("data_encode")
     if not train_set:
         raise ValueError(f"{config.train_file}: every training example was dropped as too long")
     if accelerator.is_main_process:
@@ -75,11 +80,13 @@ def run(
 
     # --- model: base weights (quantized for QLoRA), then the adapter method's wrapping ----------------------
     model, fast_path = build_model(config, method, source, setup)
+    phases.mark("model")
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / (config.grad_accum * accelerator.num_processes))
     optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch)
     # the scheduler stays unprepared: accelerate would step it once per process, our steps already count them
     loss_module, optimizer = accelerator.prepare(TrainedTokenLoss(model), optimizer)
+    phases.mark("optimizer")
 
     # --- the loop: same data order, optimizer, scheduler and RNG whether resumed or not --------------------
     # packing changes the layout of a batch (one row, no padding), never which examples form it
@@ -102,8 +109,23 @@ def run(
 
     # --- artefacts: the trained weights with the chat format and task they were trained for ----------------
     save = artifact_saver(tokenizer, renderer.format, data.spec, source, out, method)
-    extra = {"chat_format": renderer.format.as_dict(), "task": data.spec.as_dict()}
+    extra = {"chat_format": renderer.format.as_dict(), "task": data.spec.as_dict(), "startup_seconds": phases.seconds}
     return finish("sft", config, out, accelerator, model, save, result, setup, source, extra, fast_path)
+
+
+class _PhaseClock:
+    """Seconds of each set-up phase, from the call of :func:`run` to the loop. Issue 7 (c): on the H200 a third
+    of ``tuneloop train``'s wall time went before the first step; a run says where, so a bench row can tell
+    imports and process start (the wall time less these and the loop) from data, model load and compile probe."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
 
 
 @torch.no_grad()
