@@ -106,3 +106,22 @@ def test_pack_refuses_an_example_longer_than_its_bound():
     with pytest.raises(ValueError, match="longer than the packing bound 8"):
         collate([example])
     assert batch_collator(True, 0)([example])["max_length"] == 9  # no bound given: the longest example
+
+
+def test_a_packed_probe_compiles_what_packed_training_runs(tiny_config, tiny_model_dir):
+    """With ``packing`` the probe traces a packed row under the packed attention: training adds no graph."""
+    from tuneloop.train.fast.compile import CompileOptions, compile_layers
+    from tuneloop.train.fast.memory import decoder_layers
+
+    config = tiny_config(lora_dropout=0.0)
+    graphs: list[int] = []
+    model = four_layer_lora(tiny_model_dir, config)
+    attention_before = model.get_base_model().config._attn_implementation
+    options = CompileOptions(backend=counting_backend(graphs), packing=True, max_seq_len=MAX_SEQ_LEN)
+    outcome = compile_layers(model, decoder_layers(model), CPU, options)
+    assert outcome.kernels == "compile"
+    assert model.get_base_model().config._attn_implementation == attention_before  # the probe restored it
+    after_probe = len(graphs)
+    assert 1 <= after_probe <= 4, graphs
+    losses(model, random_packed_batches(model.get_base_model().config.vocab_size, 6))
+    assert len(graphs) == after_probe, "packed training compiled graphs the packed probe had not"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,8 @@ class CompileOptions:
     dynamic: bool = True
     probe: bool = True
     autocast_dtype: torch.dtype | None = None
-    max_seq_len: int | None = None  # the longest training sequence (CPU attention choice)
+    max_seq_len: int | None = None  # the longest training sequence (CPU attention choice, packing bound)
+    packing: bool = False  # batches are packed rows: the probe traces that layout, so training adds no graph
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,10 @@ def _probe(model: Any, layers: list[nn.Module], device: torch.device, options: C
     grads_before = {id(p) for p in model.parameters() if p.grad is not None}
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), ExitStack() as stack:
             model.train()
-            inputs = _capture_layer_inputs(model, layers, device)
+            stack.enter_context(_layout(model, options))
+            inputs = _capture_layer_inputs(model, layers, device, options)
             first_of_kind: dict[tuple[bool, bool], int] = {}
             for index, layer in enumerate(layers):
                 kind = (bool(getattr(layer, "gradient_checkpointing", False)), inputs[index][0][0].requires_grad)
@@ -192,13 +195,15 @@ def _probe(model: Any, layers: list[nn.Module], device: torch.device, options: C
 
 
 def _capture_layer_inputs(
-    model: Any, layers: list[nn.Module], device: torch.device
+    model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions | None = None
 ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """Every layer's call arguments for a padded 2 x 16 batch, shaped like a padded training batch.
+    """Every layer's call arguments for a batch laid out like the training batches.
 
-    Batch 2, because dynamo specializes sizes 0 and 1; a padded row, because a padding mask is what padded
-    batches pass (an all-ones mask becomes no mask, another graph). Packed batches pass other arguments,
-    so their layers compile once more at the first step.
+    Padded: a 2 x 16 batch; batch 2, because dynamo specializes sizes 0 and 1; a padded row, because a padding
+    mask is what padded batches pass (an all-ones mask becomes no mask, another graph). Packed
+    (``options.packing``): one row of two examples with the run's ``max_length`` bound, through the same
+    :func:`~tuneloop.train.fast.packing.model_inputs` as training (issue 7 c: a padded probe under ``sdpa``
+    compiled graphs that packed training never used, then training compiled its own).
     """
     captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
@@ -214,9 +219,12 @@ def _capture_layer_inputs(
     ids = (torch.arange(32, device=device) % inner.config.vocab_size).reshape(2, 16)
     try:
         with torch.enable_grad():  # as in training: which layer inputs need a gradient is part of the kind
-            mask = torch.ones_like(ids)
-            mask[1, -4:] = 0
-            entry(input_ids=ids, attention_mask=mask, use_cache=False)  # as training runs (packing.model_inputs)
+            if options is not None and options.packing:
+                entry(**_packed_probe_inputs(inner.config.vocab_size, device, options.max_seq_len))
+            else:
+                mask = torch.ones_like(ids)
+                mask[1, -4:] = 0
+                entry(input_ids=ids, attention_mask=mask, use_cache=False)  # as training runs (packing.model_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -224,6 +232,28 @@ def _capture_layer_inputs(
     if missing:
         raise RuntimeError(f"the probe batch did not reach decoder layers {missing}")
     return [captured[i] for i in range(len(layers))]
+
+
+def _packed_probe_inputs(vocab_size: int, device: torch.device, max_seq_len: int | None) -> dict[str, Any]:
+    """A packed row of two examples (10 and 6 tokens) as training passes it to the decoder."""
+    from tuneloop.data.types import EncodedExample, RowRef
+    from tuneloop.train.fast.packing import model_inputs, pack
+
+    examples = [EncodedExample(tuple(i % vocab_size for i in range(n)), (0,) * n, RowRef("probe", n)) for n in (10, 6)]
+    row = pack(examples, max_seq_len if max_seq_len and max_seq_len >= 10 else None)
+    keys = ("position_ids", "cu_seq_lens")
+    inputs = model_inputs(row["input_ids"].to(device), None, *(row[k].to(device) for k in keys), row["max_length"])
+    return inputs
+
+
+def _layout(model: Any, options: CompileOptions) -> Any:
+    """The attention packed training selects (:func:`~tuneloop.train.fast.attention.packed_attention`),
+    selected for the probe too; restored after it."""
+    if not options.packing:
+        return nullcontext()
+    from tuneloop.train.fast.attention import packed_attention
+
+    return packed_attention(model)
 
 
 def _fresh_caches(kwargs: dict[str, Any], model: Any) -> dict[str, Any]:
