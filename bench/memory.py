@@ -137,7 +137,7 @@ def measure(name: str, steps: int) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated()
-    estimated = estimate(config, ModelShape.from_hf_config(hf_config(shape)))
+    estimated = estimate(config, ModelShape.from_hf_config(hf_config(shape)), compiled=False)  # eager layers here
     chosen = estimated.with_checkpointing if checkpointing else estimated.without_checkpointing
     row = {
         "name": name,

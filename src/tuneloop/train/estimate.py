@@ -62,6 +62,16 @@ _PER_LAYER = {
     "dora": (40.912, 9.6, 15.833, -170.985, 7226.9),
     "full": (28.034, 7.883, 8.403, 0.0, 841.6),
 }
+# Decoder layers compiled by ``kernels: compile`` save fewer activations: Inductor's min-cut partitioner recomputes
+# element-wise results (norms, RoPE, SwiGLU, LoRA scaling) in the backward pass instead of saving them. Measured on
+# the H200 by bench/fast_path_probe.py (Llama-3.1-8B shape, LoRA r16 all-linear, no dropout, bf16, 2 x 2048
+# tokens, fused head): compiled with no layer checkpointed peaked at 34.4 GiB; less the static terms, logits and
+# edges of this model (16.49 GiB) that is 17.91 GiB for 32 layers, 0.560 GiB per layer, against 0.951 GiB from the
+# eager coefficients: a factor of 0.589. One measured shape and method: the factor scales every eager coefficient
+# set alike until bench/activation_probe.py fits compiled layers of their own. The recompute of one checkpointed
+# layer is *not* smaller: compiled, every layer checkpointed peaked at 17.63 GiB, which the eager coefficients
+# predict (17.66 GiB), so a recomputed layer is counted with the eager coefficients.
+COMPILED_ACTIVATION_FACTOR = 0.589
 # With gradient checkpointing each layer keeps only its input hidden state: bf16, or fp32 for full fine-tuning
 # (fp32 master weights make the residual stream fp32). Exact: counted with saved-tensor hooks, any width.
 _CHECKPOINTED_BYTES_PER_HIDDEN = {"full": 4, "adapter": 2}
@@ -136,6 +146,8 @@ class MemoryEstimate:
     checkpointed_layers: int = 0
     offload: bool = False
 
+    host: int = 0  # bytes of pinned host memory: the offloaded layer inputs
+
     def fits(self, capacity_mib: int) -> bool:
         return fits_budget(self.peak, capacity_mib * (1 << 20))
 
@@ -163,18 +175,22 @@ class MemoryModel:
     transient: dict[str, int]
     step_temporaries: int
     full: bool
+    recompute_activations: int | None = None  # one checkpointed layer's recompute (default: layer_activations)
 
     def at(self, checkpointed_layers: int, *, offload: bool = False) -> MemoryEstimate:
         """The peak with the first ``checkpointed_layers`` layers checkpointed (inputs on the host if ``offload``).
 
+        Offloaded inputs count as host memory (``host``); the GPU still holds two of them at a time: the one
+        being recomputed and the next, copied back ahead of its backward (:mod:`tuneloop.train.fast.offload`).
         Checkpointing the *first* layers is what makes a partial choice pay: the backward pass reaches them
         last, when the saved activations of every later layer are already freed, so the one layer being
         recomputed never coexists with them, nor with the head's logits (the head's backward ran first).
         """
         k = max(0, min(checkpointed_layers, self.layers))
-        kept = 0 if offload else self.layer_input * k
+        kept = self.layer_input * (min(k, 2) if offload else k)
         saved = self.layer_activations * (self.layers - k)
-        recompute = self.layer_activations if k else 0
+        one_layer = self.layer_activations if self.recompute_activations is None else self.recompute_activations
+        recompute = one_layer if k else 0
         working = kept + max(saved + self.logits, recompute)
         activations = kept + saved + recompute
         forward_backward = working + self.edges + sum(self.transient.values()) + (0 if self.full else self.gradients)
@@ -188,7 +204,8 @@ class MemoryModel:
             "optimizer_step_temporaries": self.step_temporaries,
         }
         peak = sum(self.static.values()) + max(forward_backward, optimizer_step)
-        return MemoryEstimate(k > 0, components, int(peak), k, offload and k > 0)
+        offloaded = offload and k > 0
+        return MemoryEstimate(k > 0, components, int(peak), k, offloaded, self.layer_input * k if offloaded else 0)
 
     def peaks(self) -> list[int]:
         """Predicted peak for 0, 1, ..., ``layers`` checkpointed layers (non-increasing)."""
@@ -252,15 +269,17 @@ def estimate(
     trained_fraction: float = 1.0,
     weight_bytes: float | None = None,
     tokens: int | None = None,
+    compiled: bool | None = None,
 ) -> EstimateResult:
     """The memory ``config`` needs on one GPU, with and without gradient checkpointing.
 
     ``weight_bytes``: bytes per weight of the compute precision (default bf16 = 2; fp32 runs pass 4).
     ``tokens``: tokens of the largest micro-batch (default :func:`micro_batch_tokens`; a packed batch can
-    pass its own count).
+    pass its own count). ``compiled``: whether the decoder layers are compiled (default: as ``kernels``
+    would on a GPU, :func:`layers_compile`).
     """
     memory, trainable = memory_model(
-        config, shape, trained_fraction=trained_fraction, weight_bytes=weight_bytes, tokens=tokens
+        config, shape, trained_fraction=trained_fraction, weight_bytes=weight_bytes, tokens=tokens, compiled=compiled
     )
     summary = {
         "base_model": config.base_model,
@@ -285,12 +304,13 @@ def memory_model(
     trained_fraction: float = 1.0,
     weight_bytes: float | None = None,
     tokens: int | None = None,
+    compiled: bool | None = None,
 ) -> tuple[MemoryModel, int]:
     """The terms of the peak for ``config`` on ``shape`` at ``tokens`` per micro-batch, and the trained parameters.
 
-    Decoder layers compiled by ``kernels: compile`` are counted with the eager coefficients: an upper
-    bound (Inductor recomputes element-wise results instead of saving them), until a GPU probe of
-    compiled layers gives coefficients of their own.
+    Decoder layers that run compiled (``compiled``, default :func:`layers_compile`) save
+    :data:`COMPILED_ACTIVATION_FACTOR` of the eager activations; a recomputed checkpointed layer is counted
+    at the eager size either way.
     """
     method = get_adapter_method(config.adapter)
     optimizer = get_optimizer_spec(config.optimizer)
@@ -318,6 +338,8 @@ def memory_model(
     widths = (shape.hidden, shape.q_width, shape.intermediate, 0 if full else config.lora_r, 1)
     coefficients = _PER_LAYER.get(key) or _PER_LAYER["lora"]
     per_token = max(0.0, sum(c * w for c, w in zip(coefficients, widths)))
+    compiled = layers_compile(config) if compiled is None else compiled
+    saved_per_token = per_token * COMPILED_ACTIVATION_FACTOR if compiled else per_token
 
     trained = int(tokens * trained_fraction)
     logits = _LOGIT_BYTES * shape.vocab * min(trained, chunk_tokens(shape.vocab)) + trained * shape.hidden * 2
@@ -325,7 +347,7 @@ def memory_model(
         static=static,
         gradients=trainable * 4,
         layers=shape.layers,
-        layer_activations=int(per_token * tokens),
+        layer_activations=int(saved_per_token * tokens),
         layer_input=_CHECKPOINTED_BYTES_PER_HIDDEN["full" if full else "adapter"] * shape.hidden * tokens,
         logits=int(logits),
         edges=tokens * shape.hidden * 8,  # embedding output and final norm
@@ -335,8 +357,15 @@ def memory_model(
         },
         step_temporaries=4 * trainable if optimizer.name == "adamw" else 0,  # foreach AdamW's sqrt buffer
         full=full,
+        recompute_activations=int(per_token * tokens),
     )
     return memory, trainable
+
+
+def layers_compile(config: RunConfig) -> bool:
+    """Whether ``kernels`` compiles the decoder layers on a GPU: ``compile`` or ``auto``, except 4-bit layers
+    (QLoRA), which stay eager (:mod:`tuneloop.train.fast.compile`)."""
+    return config.kernels != "eager" and get_adapter_method(config.adapter).quantization is None
 
 
 def run(config: RunConfig, *, trained_fraction: float = 1.0) -> EstimateResult:
