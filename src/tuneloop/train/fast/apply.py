@@ -8,6 +8,10 @@ Two decisions, in this order because the second depends on the first:
    :mod:`tuneloop.train.fast.compile`); compiled after the flags are set, so each compiled graph is traced
    with its layer's checkpointing in place.
 
+The plan counts compiled layers' smaller activations when the layers are expected to compile; should the
+compile probe fall back to eager, ``auto`` is planned again with the eager sizes. Offloaded inputs keep the
+layers compiled (:mod:`tuneloop.train.fast.offload`).
+
 What was decided, and why, comes back as a :class:`FastPathReport`: the recipe shows it at start and writes
 it into ``record.json`` (``train.fast_path``), so a run says which layers it checkpointed and whether its
 layers were compiled. The head's loss (fused linear cross-entropy) needs no decision: it is always used
@@ -23,9 +27,16 @@ from typing import Any
 import torch
 
 from tuneloop.config import RunConfig
-from tuneloop.train.estimate import GIB
+from tuneloop.train.estimate import GIB, layers_compile
 from tuneloop.train.fast.compile import CompileOptions, KernelOutcome, get_kernel_choice
-from tuneloop.train.fast.memory import apply_checkpointing, budget_bytes, decoder_layers, plan_for
+from tuneloop.train.fast.memory import (
+    CheckpointPlan,
+    apply_checkpointing,
+    budget_bytes,
+    decoder_layers,
+    plan_for,
+)
+from tuneloop.train.fast.offload import CompiledLayerCall
 
 
 @dataclass(frozen=True)
@@ -77,15 +88,16 @@ def apply_fast_path(
     device = torch.device(device)
     layers = decoder_layers(model)
     budget = budget if budget is not None else budget_bytes(config, device)
-    plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget)
-    chosen = apply_checkpointing(layers, plan.checkpointed_layers, offload=plan.offload, pin_memory=device.type == "cuda")
-    if plan.checkpointed_layers:
-        _no_cache(model)
-    if plan.offload and config.kernels != "eager":
-        outcome = KernelOutcome("eager", 0, f"kernels: {config.kernels} not applied: offloaded inputs' saved-tensor hooks are not traced by torch.compile")
-    else:
-        options = CompileOptions(backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len)
-        outcome = get_kernel_choice(config.kernels)(model, layers, device, options)
+    expect_compiled = layers_compile(config) and (config.kernels == "compile" or device.type == "cuda")
+    plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget, compiled=expect_compiled)
+    options = CompileOptions(backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len, packing=config.packing)
+    outcome = apply_plan(model, config, layers, plan, device, options, expect_compiled=expect_compiled)
+    if expect_compiled and outcome.kernels != "compile" and config.gradient_checkpointing == "auto":
+        plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget, compiled=False)
+        apply_checkpointing(layers, plan.checkpointed_layers, offload=plan.offload, pin_memory=device.type == "cuda")
+        if plan.checkpointed_layers:
+            _no_cache(model)
+    chosen = tuple(range(plan.checkpointed_layers))
     return FastPathReport(
         kernels=outcome.kernels,
         kernels_requested=config.kernels,
@@ -97,6 +109,32 @@ def apply_fast_path(
         budget_gib=round(plan.budget / GIB, 2) if plan.budget is not None else None,
         reasons=(plan.reason, outcome.reason),
     )
+
+
+def apply_plan(
+    model: Any,
+    config: RunConfig,
+    layers: list[torch.nn.Module],
+    plan: CheckpointPlan,
+    device: torch.device,
+    options: CompileOptions,
+    *,
+    expect_compiled: bool,
+) -> KernelOutcome:
+    """Set ``plan``'s checkpoint flags, then run the ``kernels`` choice; what the kernels choice did comes back.
+
+    Offloaded layers get their compiled trampoline before the kernels choice, so its probe compiles and runs
+    what training will; if the choice ends eager, they are set again to run eagerly.
+    """
+    pin_memory = device.type == "cuda"
+    run = CompiledLayerCall(options.backend, dynamic=options.dynamic) if plan.offload and expect_compiled else None
+    apply_checkpointing(layers, plan.checkpointed_layers, offload=plan.offload, pin_memory=pin_memory, run=run)
+    if plan.checkpointed_layers:
+        _no_cache(model)
+    outcome = get_kernel_choice(config.kernels)(model, layers, device, options)
+    if run is not None and outcome.kernels != "compile":
+        apply_checkpointing(layers, plan.checkpointed_layers, offload=True, pin_memory=pin_memory)
+    return outcome
 
 
 def _no_cache(model: Any) -> None:

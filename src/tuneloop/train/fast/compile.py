@@ -25,15 +25,17 @@ Not compiled, by decision:
 
 * **bitsandbytes 4-bit layers (QLoRA)**: their quantized weights are a tensor subclass with custom kernels
   whose support under ``torch.compile`` varies by bitsandbytes version; a QLoRA run stays eager.
-* layers whose checkpointed inputs are **offloaded** to host memory: ``save_on_cpu``'s saved-tensor hooks
-  are not traced by dynamo.
+
+Layers whose checkpointed inputs are **offloaded** to host memory are not ``Module.compile()``-d: their
+checkpoint function runs the layer's code through a compiled trampoline of its own, outside the
+Function that moves the inputs (:mod:`tuneloop.train.fast.offload`; it says ``compiles_layer``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +86,8 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return KernelOutcome("eager", 0, message)
     for layer in layers:
-        layer.compile(backend=options.backend, dynamic=options.dynamic)
+        if not getattr(getattr(layer, "_gradient_checkpointing_func", None), "compiles_layer", False):
+            layer.compile(backend=options.backend, dynamic=options.dynamic)
     backend = options.backend if isinstance(options.backend, str) else getattr(options.backend, "__name__", "custom")
     return KernelOutcome("compile", len(layers), f"{len(layers)} decoder layers compiled ({backend}, dynamic={options.dynamic})")
 
@@ -218,7 +221,7 @@ def _capture_layer_inputs(
     entry = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
     ids = (torch.arange(32, device=device) % inner.config.vocab_size).reshape(2, 16)
     try:
-        with torch.enable_grad():  # as in training: which layer inputs need a gradient is part of the kind
+        with torch.enable_grad(), _uncheckpointed(layers):  # grad as in training: which inputs need one is the kind
             if options is not None and options.packing:
                 entry(**_packed_probe_inputs(inner.config.vocab_size, device, options.max_seq_len))
             else:
@@ -232,6 +235,21 @@ def _capture_layer_inputs(
     if missing:
         raise RuntimeError(f"the probe batch did not reach decoder layers {missing}")
     return [captured[i] for i in range(len(layers))]
+
+
+@contextmanager
+def _uncheckpointed(layers: list[nn.Module]) -> Iterator[None]:
+    """The capture runs the layers without checkpointing (flags restored after): an offloaded layer's
+    checkpoint compiles the layer itself (``fast/offload.py``), and where transformers (5.17) checkpoints
+    around ``Module.__call__`` that would trace the capture's hooks, one graph per layer."""
+    flags = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.gradient_checkpointing = flag
 
 
 def _packed_probe_inputs(vocab_size: int, device: torch.device, max_seq_len: int | None) -> dict[str, Any]:

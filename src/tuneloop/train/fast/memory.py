@@ -13,12 +13,12 @@ instance has a ``gradient_checkpointing`` flag and a ``_gradient_checkpointing_f
 ``gradient_checkpointing_enable`` sets on every layer), set on the chosen instances only.
 
 When even every layer checkpointed does not fit, the checkpointed layers' inputs are kept in pinned host
-memory (``torch.autograd.graph.save_on_cpu``) and copied back for the recompute: slower, but it fits.
+memory and copied back ahead of each recompute, on a side stream, with the layers still compiled
+(:mod:`tuneloop.train.fast.offload`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tuneloop.config import RunConfig
 from tuneloop.train.estimate import GIB, RUNTIME_OVERHEAD_BYTES, MemoryModel, fits_budget
+from tuneloop.train.fast.offload import CompiledLayerCall, offloaded_checkpoint_functions
 
 FREE_MEMORY_SHARE = 0.95  # default budget: the memory free at start, less 5%
 
@@ -83,29 +84,21 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def checkpoint_function(*, offload: bool, pin_memory: bool) -> Callable[..., Any]:
-    """The per-layer checkpoint function: non-reentrant (frozen embeddings need no gradient), inputs optionally on the host."""
-    if not offload:
-        return partial(checkpoint, use_reentrant=False)
-    return partial(_checkpoint_offloading_inputs, pin_memory=pin_memory)
+def apply_checkpointing(
+    layers: list[torch.nn.Module], count: int, *, offload: bool, pin_memory: bool, run: CompiledLayerCall | None = None
+) -> tuple[int, ...]:
+    """Checkpoint the first ``count`` of ``layers`` (per-instance flags), the rest not; returns their indices.
 
-
-def _checkpoint_offloading_inputs(function: Callable[..., Any], *args: Any, pin_memory: bool, **kwargs: Any) -> Any:
-    """Non-reentrant checkpoint whose saved inputs live in host memory until the recompute.
-
-    Non-reentrant checkpointing saves the region's inputs through autograd's saved-tensor mechanism before
-    its own hooks take over, so an enclosing ``save_on_cpu`` moves exactly those inputs (the layer's own
-    intermediate tensors are never saved: they are recomputed).
+    Without offload: torch's non-reentrant checkpoint (frozen embeddings need no gradient). With offload:
+    one :class:`~tuneloop.train.fast.offload.OffloadedCheckpoint` per layer, running the layer through
+    ``run`` (a compiled trampoline when the layers compile; eager by default).
     """
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
-
-
-def apply_checkpointing(layers: list[torch.nn.Module], count: int, *, offload: bool, pin_memory: bool) -> tuple[int, ...]:
-    """Checkpoint the first ``count`` of ``layers`` (per-instance flags), the rest not; returns their indices."""
-    function = checkpoint_function(offload=offload, pin_memory=pin_memory)
+    if offload:
+        functions = offloaded_checkpoint_functions(layers, offload=True, pin_memory=pin_memory, run=run or CompiledLayerCall())
+    else:
+        functions = [partial(checkpoint, use_reentrant=False)] * len(layers)
     chosen = tuple(range(min(count, len(layers))))
-    for index, layer in enumerate(layers):
+    for index, (layer, function) in enumerate(zip(layers, functions, strict=True)):
         layer.gradient_checkpointing = index < count
         layer._gradient_checkpointing_func = function
     return chosen
@@ -125,26 +118,38 @@ def budget_bytes(config: RunConfig, device: torch.device) -> float | None:
     return FREE_MEMORY_SHARE * (free + torch.cuda.memory_reserved(device))
 
 
-def memory_model_of(model: Any, config: RunConfig, tokens: int) -> MemoryModel:
-    """The peak formula for ``model`` (its architecture, counted on the meta device) at ``tokens`` per micro-batch."""
+def memory_model_of(model: Any, config: RunConfig, tokens: int, *, compiled: bool | None = None) -> MemoryModel:
+    """The peak formula for ``model`` (its architecture, counted on the meta device) at ``tokens`` per micro-batch;
+    ``compiled``: whether its layers run compiled (default: as ``kernels`` would on a GPU)."""
     from tuneloop.train.estimate import ModelShape, memory_model
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     shape = ModelShape.from_hf_config(inner.config)
     weight_bytes = 4.0 if config.precision == "fp32" else 2.0
-    return memory_model(config, shape, weight_bytes=weight_bytes, tokens=tokens)[0]
+    return memory_model(config, shape, weight_bytes=weight_bytes, tokens=tokens, compiled=compiled)[0]
 
 
 def plan_for(
-    model: Any, config: RunConfig, layers: list[torch.nn.Module], device: torch.device, tokens: int, budget: float | None
+    model: Any,
+    config: RunConfig,
+    layers: list[torch.nn.Module],
+    device: torch.device,
+    tokens: int,
+    budget: float | None,
+    *,
+    compiled: bool | None = None,
 ) -> CheckpointPlan:
-    """What ``gradient_checkpointing`` asks for on this device: all, none, or the planner's choice for ``auto``."""
+    """What ``gradient_checkpointing`` asks for on this device: all, none, or the planner's choice for ``auto``.
+
+    ``compiled``: whether the layers will run compiled (their saved activations are smaller, so ``auto``
+    checkpoints fewer of them); default: as ``kernels`` would on a GPU.
+    """
     total = len(layers)
     choice = config.gradient_checkpointing
     if choice == "auto" and device.type != "cuda":
         return CheckpointPlan(0, total, False, None, budget, f"auto on {device.type}: no GPU memory to save, none checkpointed")
     try:
-        memory = memory_model_of(model, config, tokens) if device.type == "cuda" else None
+        memory = memory_model_of(model, config, tokens, compiled=compiled) if device.type == "cuda" else None
     except Exception as error:  # an architecture the estimate cannot build: plan safely instead of failing the run
         memory = None
         unknown = f"no memory prediction for this architecture ({type(error).__name__}: {error})"
