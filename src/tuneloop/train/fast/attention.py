@@ -144,9 +144,13 @@ def packed_attention(model: Any) -> Iterator[None]:
 
 
 def segments_from_boundaries(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
-    """``[1, T]``: the index of the example each position of a packed row belongs to."""
+    """``[1, T]``: the index of the example each position of a packed row belongs to.
+
+    Searched in the whole ``cu_seq_lens`` (its leading 0 counted, then taken off) rather than in
+    ``cu_seq_lens[1:]``: that slice has one element for a one-example row, a size dynamo specialises on,
+    which compiled another graph for such a batch."""
     positions = torch.arange(length, device=cu_seq_lens.device)
-    return torch.searchsorted(cu_seq_lens[1:].long(), positions, right=True).unsqueeze(0)
+    return (torch.searchsorted(cu_seq_lens.long(), positions, right=True) - 1).unsqueeze(0)
 
 
 def segments_from_positions(
