@@ -17,9 +17,10 @@ graphs per function *per process*; several compiled runs in one process (a sweep
 and beyond the limit torch warns and runs the extra cases eagerly.
 
 A failed compile must not cost a run: before any layer is compiled, a *probe* compiles the first layer of
-each kind separately and runs it forward and backward on the inputs a short synthetic padded batch gives it. If
-that raises, every layer stays eager and one warning says why. (A compile failure on an input the probe
-did not cover, e.g. a packed batch's attention arguments, is not caught.)
+each kind separately and runs it forward and backward on the inputs a short synthetic batch in the run's layout
+(padded, or a packed row under the packed attention) gives it. If that raises, every layer stays eager and one
+warning says why. Training then compiles nothing new: no KV cache is built (one graph per layer otherwise),
+and a packed row's ``max_length`` is the run's ``max_seq_len``, not a per-batch value.
 
 Not compiled, by decision:
 
