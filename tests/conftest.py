@@ -164,3 +164,26 @@ def tiny_config(tiny_model_dir: Path, tiny_dataset: dict[str, Path], tmp_path: P
         return validate_config({**tiny_run_settings(tiny_model_dir, tiny_dataset, tmp_path / "run"), **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama8b():
+    """The Llama-3.1-8B architecture as the memory estimate sees it (counted on the meta device, no weights)."""
+    from transformers import LlamaConfig
+
+    from tuneloop.train.estimate import ModelShape
+
+    return ModelShape.from_hf_config(
+        LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    )  # fmt: skip
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code is cached per process on the layers' shared code: a test that counts graphs starts from none."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -18,15 +18,6 @@ def shape(tiny_model_dir) -> ModelShape:
     return ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
-def llama8b() -> ModelShape:
-    from transformers import LlamaConfig
-
-    return ModelShape.from_hf_config(
-        LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-    )  # fmt: skip
-
 
 @pytest.mark.parametrize("adapter", ["lora", "dora", "full"])
 def test_trainable_parameters_match_the_real_model(tiny_config, tiny_model_dir, shape, adapter):

@@ -14,17 +14,10 @@ from tuneloop.train.fast import apply_fast_path
 from tuneloop.train.fast.compile import KERNELS, get_kernel_choice
 from tuneloop.train.fast.memory import decoder_layers
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fresh_dynamo")]
 
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Compiled code is cached per process on the layers' shared code: each test starts from none."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def counting_backend(graphs: list[int]):

@@ -21,18 +21,12 @@ from tuneloop.train.fast.attention import packed_attention
 from tuneloop.train.fast.packing import batch_collator
 from tuneloop.train.loss import TrainedTokenLoss
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fresh_dynamo")]
 
 CPU = torch.device("cpu")
 MAX_SEQ_LEN = 96
 LAYERS = 4
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def four_layer_lora(tiny_model_dir, config):

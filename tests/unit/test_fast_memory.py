@@ -14,7 +14,6 @@ from tuneloop.train.estimate import (
     GPUS,
     RUNTIME_OVERHEAD_BYTES,
     MemoryModel,
-    ModelShape,
     estimate,
     memory_model,
 )
@@ -31,15 +30,6 @@ def toy_memory(layers: int = 4) -> MemoryModel:
         logits=GIB, edges=0, transient={}, step_temporaries=0, full=True,
     )  # fmt: skip
 
-
-@pytest.fixture(scope="module")
-def llama8b() -> ModelShape:
-    from transformers import LlamaConfig
-
-    return ModelShape.from_hf_config(
-        LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-    )  # fmt: skip
 
 
 def test_each_checkpointed_layer_trades_its_activations_for_its_input():

@@ -12,22 +12,16 @@ import pytest
 import torch
 
 from tests.unit.test_fast_compile import counting_backend, failing_backend
-from tuneloop.train.estimate import COMPILED_ACTIVATION_FACTOR, GIB, ModelShape, layers_compile, memory_model
+from tuneloop.train.estimate import COMPILED_ACTIVATION_FACTOR, GIB, layers_compile, memory_model
 from tuneloop.train.fast.apply import apply_plan
 from tuneloop.train.fast.compile import CompileOptions
 from tuneloop.train.fast.memory import CheckpointPlan, apply_checkpointing, decoder_layers, plan_checkpointing
 from tuneloop.train.fast.offload import CompiledLayerCall, OffloadedCheckpoint
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fresh_dynamo")]
 
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def build(tiny_model_dir, config, layers: int | None = None):
@@ -150,15 +144,6 @@ def test_eager_trampoline_is_a_plain_call():
     run = CompiledLayerCall()
     assert not run.compiled and run(lambda x, y: x + y, 2, 3) == 5
 
-
-@pytest.fixture(scope="module")
-def llama8b() -> ModelShape:
-    from transformers import LlamaConfig
-
-    return ModelShape.from_hf_config(
-        LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-    )  # fmt: skip
 
 
 def test_compiled_layers_save_less_so_auto_checkpoints_fewer(tiny_config, llama8b):
