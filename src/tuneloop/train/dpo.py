@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 
 from tuneloop.adapters import get_adapter_method
@@ -44,7 +43,7 @@ from tuneloop.train.batching import collate, epoch_batches
 from tuneloop.train.loop import Loop, LoopData, Objective, run_loop
 from tuneloop.train.loss import _backbone_and_head
 from tuneloop.train.observer import TrainObserver
-from tuneloop.train.rundir import fingerprint, prepare_output_dir
+from tuneloop.train.rundir import fingerprint
 from tuneloop.train.setup import (
     MixedPrecision,
     TrainResult,
@@ -68,12 +67,7 @@ class EncodedPair:
 def run(
     config: RunConfig, *, resume: bool = False, overwrite: bool = False, observer: TrainObserver | None = None
 ) -> TrainResult:
-    accelerator, setup, precision = start(config)
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
-    set_seed(config.seed)
+    accelerator, setup, precision, out = start(config, resume=resume, overwrite=overwrite)
     method = get_adapter_method(config.adapter)
     if not method.saves_adapter:
         raise ValueError(f"method dpo needs an adapter method (the reference is the base with it off), not {method.name}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from tuneloop.adapters import AdapterMethod
@@ -30,6 +31,7 @@ from tuneloop.train.fast import FastPathReport, apply_fast_path
 from tuneloop.train.loop import LoopResult, total_steps
 from tuneloop.train.observer import SilentObserver, TrainObserver
 from tuneloop.train.optim import build_optimizer
+from tuneloop.train.rundir import prepare_output_dir
 from tuneloop.train.tracking import TrackingObserver, open_backends
 
 
@@ -73,8 +75,15 @@ class MixedPrecision:
         return torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
 
 
-def start(config: RunConfig) -> tuple[Accelerator, DeviceSetup, MixedPrecision]:
-    """The accelerator first: under ``accelerate launch`` it picks this process's GPU, which the model needs."""
+def start(
+    config: RunConfig, *, resume: bool, overwrite: bool
+) -> tuple[Accelerator, DeviceSetup, MixedPrecision, Path]:
+    """Processes and device, the run directory, the seed: what every recipe does before it reads data.
+
+    The accelerator first: under ``accelerate launch`` it picks this process's GPU, which the model needs.
+    The main process prepares the output directory (refusing to clobber a finished run unless told) and the
+    others wait for it; then every process seeds the same way.
+    """
     wanted = pick_device(config.precision)
     accelerator = Accelerator(
         mixed_precision="no",  # see MixedPrecision
@@ -82,7 +91,12 @@ def start(config: RunConfig) -> tuple[Accelerator, DeviceSetup, MixedPrecision]:
         device_placement=False,  # models are loaded onto the device (a 4-bit model must not be moved again)
     )
     setup = DeviceSetup(accelerator.device, wanted.dtype)
-    return accelerator, setup, MixedPrecision(setup.device.type, setup.dtype)
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    return accelerator, setup, MixedPrecision(setup.device.type, setup.dtype), out
 
 
 def build_model(

@@ -11,12 +11,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from tuneloop.adapters import get_adapter_method
 from tuneloop.config import RunConfig, dump_config
@@ -31,7 +29,7 @@ from tuneloop.train.loop import Loop, LoopData, Objective, run_loop
 from tuneloop.train.loss import TrainedTokenLoss
 from tuneloop.train.observer import TrainObserver
 from tuneloop.train.prepare import load_split, prepare_data
-from tuneloop.train.rundir import RunDirectoryError, fingerprint, prepare_output_dir
+from tuneloop.train.rundir import RunDirectoryError, fingerprint
 from tuneloop.train.setup import (
     MixedPrecision,
     TrainResult,
@@ -50,12 +48,7 @@ def run(
     config: RunConfig, *, resume: bool = False, overwrite: bool = False, observer: TrainObserver | None = None
 ) -> TrainResult:
     phases = _PhaseClock()  # where a run's seconds go before its first step (record.json: startup_seconds)
-    accelerator, setup, precision = start(config)
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
-    set_seed(config.seed)
+    accelerator, setup, precision, out = start(config, resume=resume, overwrite=overwrite)
     method = get_adapter_method(config.adapter)
 
     # --- data: rows -> conversations -> token ids with completion-only labels -----------------------------
