@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tuneloop.serve.adapters import AdapterError, AdapterPool
 from tuneloop.serve.observe import ServeMetrics
 from tuneloop.serve.openai import protocol as p
-from tuneloop.serve.service import Generation, Sampling, Service, ServiceError
+from tuneloop.serve.service import Generation, Sampling, Service, ServiceError, Target
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -54,20 +54,58 @@ def openai_router(service: Service, auth: Callable[..., Awaitable[None]]) -> API
             ]
         )
 
+    async def begin(
+        target: Target,
+        prompt: list[int],
+        body: p._Request,
+        requested: int | None,
+        default: int,
+        request: Request,
+    ) -> tuple[Generation, AsyncIterator[str]]:
+        """Budget, admission and the generation's stream: the same for chat and plain completions."""
+        budget = service.budget(len(prompt), requested, default)
+        service.admit()
+        generation = Generation(target, prompt, budget)
+        _log(request, service, generation, body.stream)
+        return generation, service.generate(generation, _sampling(body, budget), request.is_disconnected)
+
+    async def collect(stream: AsyncIterator[str], generation: Generation, request: Request) -> str:
+        text = "".join([delta async for delta in stream])
+        _log(request, service, generation, False)
+        return text
+
+    async def framed(
+        frames: AsyncIterator[str], generation: Generation, request: Request
+    ) -> AsyncIterator[str]:
+        """Server-sent events around a response's frames: an error after the start travels as an event, the
+        request is logged however the stream ends, and ``[DONE]`` closes it."""
+        try:
+            async for frame in frames:
+                yield frame
+        except ServiceError as exc:  # the stream has started: the error travels as an event
+            yield _sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})
+        finally:
+            await frames.aclose()  # a client that went away closes the frames as promptly as this stream
+            _log(request, service, generation, True)
+        yield "data: [DONE]\n\n"
+
+    async def streamed(
+        frames: AsyncIterator[str], generation: Generation, request: Request
+    ) -> StreamingResponse:
+        return StreamingResponse(
+            framed(frames, generation, request), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         target = service.resolve(body.model)
         prompt = service.chat_prompt(target, [(m.role, m.text()) for m in body.messages])
-        budget = service.budget(
-            len(prompt), body.max_completion_tokens or body.max_tokens, service.config.default_max_tokens
+        requested = body.max_completion_tokens or body.max_tokens
+        generation, stream = await begin(
+            target, prompt, body, requested, service.config.default_max_tokens, request
         )
-        service.admit()
-        generation = Generation(target, prompt, budget)
-        _log(request, service, generation, body.stream)
-        stream = service.generate(generation, _sampling(body, budget), request.is_disconnected)
         if not body.stream:
-            text = "".join([delta async for delta in stream])
-            _log(request, service, generation, False)
+            text = await collect(stream, generation, request)
             return p.ChatCompletion(
                 id=p.new_id("chatcmpl"),
                 created=p.now(),
@@ -82,14 +120,10 @@ def openai_router(service: Service, auth: Callable[..., Awaitable[None]]) -> API
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = await _first(stream)  # errors before the first token still get their HTTP status
-        return StreamingResponse(
-            _chat_events(first, stream, generation, request, include_usage),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
+        return await streamed(_chat_frames(first, stream, generation, include_usage), generation, request)
 
-    async def _chat_events(
-        first: str | None, stream: AsyncIterator[str], generation: Generation, request: Request, usage: bool
+    async def _chat_frames(
+        first: str | None, stream: AsyncIterator[str], generation: Generation, usage: bool
     ) -> AsyncIterator[str]:
         chunk_id, created, name = p.new_id("chatcmpl"), p.now(), generation.target.name
 
@@ -103,41 +137,26 @@ def openai_router(service: Service, auth: Callable[..., Awaitable[None]]) -> API
                 )
             )
 
-        try:
-            yield chunk(p.Delta(role="assistant", content=""))
-            if first:
-                yield chunk(p.Delta(content=first))
-            async for delta in stream:
-                yield chunk(p.Delta(content=delta))
-            yield chunk(p.Delta(), generation.finish_reason or "stop")
-            if usage:
-                yield _sse(
-                    p.ChatCompletionChunk(
-                        id=chunk_id,
-                        created=created,
-                        model=name,
-                        choices=[],
-                        usage=p.Usage(**generation.usage),
-                    )
+        yield chunk(p.Delta(role="assistant", content=""))
+        if first:
+            yield chunk(p.Delta(content=first))
+        async for delta in stream:
+            yield chunk(p.Delta(content=delta))
+        yield chunk(p.Delta(), generation.finish_reason or "stop")
+        if usage:
+            yield _sse(
+                p.ChatCompletionChunk(
+                    id=chunk_id, created=created, model=name, choices=[], usage=p.Usage(**generation.usage)
                 )
-        except ServiceError as exc:  # the stream has started: the error travels as an event
-            yield _sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})
-        finally:
-            _log(request, service, generation, True)
-        yield "data: [DONE]\n\n"
+            )
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         target = service.resolve(body.model)
         prompt = service.completion_prompt(body.text())
-        budget = service.budget(len(prompt), body.max_tokens, 16)
-        service.admit()
-        generation = Generation(target, prompt, budget)
-        _log(request, service, generation, body.stream)
-        stream = service.generate(generation, _sampling(body, budget), request.is_disconnected)
+        generation, stream = await begin(target, prompt, body, body.max_tokens, 16, request)
         if not body.stream:
-            text = "".join([delta async for delta in stream])
-            _log(request, service, generation, False)
+            text = await collect(stream, generation, request)
             return p.Completion(
                 id=p.new_id("cmpl"),
                 created=p.now(),
@@ -146,48 +165,28 @@ def openai_router(service: Service, auth: Callable[..., Awaitable[None]]) -> API
                 usage=p.Usage(**generation.usage),
             )
         first = await _first(stream)
-        return StreamingResponse(
-            _completion_events(first, stream, generation, request),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
+        return await streamed(_completion_frames(first, stream, generation), generation, request)
 
-    async def _completion_events(
-        first: str | None, stream: AsyncIterator[str], generation: Generation, request: Request
+    async def _completion_frames(
+        first: str | None, stream: AsyncIterator[str], generation: Generation
     ) -> AsyncIterator[str]:
         chunk_id, created, name = p.new_id("cmpl"), p.now(), generation.target.name
-        try:
-            if first:
-                yield _sse(
-                    p.Completion(
-                        id=chunk_id,
-                        created=created,
-                        model=name,
-                        choices=[p.CompletionChoice(text=first, finish_reason=None)],
-                    )
-                )
-            async for delta in stream:
-                yield _sse(
-                    p.Completion(
-                        id=chunk_id,
-                        created=created,
-                        model=name,
-                        choices=[p.CompletionChoice(text=delta, finish_reason=None)],
-                    )
-                )
-            yield _sse(
+
+        def chunk(text: str, finish: str | None = None) -> str:
+            return _sse(
                 p.Completion(
                     id=chunk_id,
                     created=created,
                     model=name,
-                    choices=[p.CompletionChoice(text="", finish_reason=generation.finish_reason or "stop")],
+                    choices=[p.CompletionChoice(text=text, finish_reason=finish)],
                 )
             )
-        except ServiceError as exc:
-            yield _sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}})
-        finally:
-            _log(request, service, generation, True)
-        yield "data: [DONE]\n\n"
+
+        if first:
+            yield chunk(first)
+        async for delta in stream:
+            yield chunk(delta)
+        yield chunk("", generation.finish_reason or "stop")
 
     return router
 
