@@ -40,11 +40,58 @@ def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return logits.float()
 
 
-def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row log-sum-exp and the chunk's summed cross-entropy over valid rows (fp32)."""
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     return lse, torch.where(valid, lse - picked, 0.0).sum()
+
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_rows: int,
+    ignore_index: int,
+    want: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The summed loss, chunk by chunk, and the gradients ``want`` asks for (hidden, weight, bias), taken in the
+    same pass so no chunk's logits are computed twice. With nothing wanted it is the loss alone (validation)."""
+    dtype = _compute_dtype(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want[2] else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start : start + chunk_rows].to(dtype)
+            chunk_targets = targets[start : start + chunk_rows]
+            valid = chunk_targets != ignore_index
+            logits = _chunk_logits(rows, w, b)
+            lse, loss = _chunk_loss(logits, chunk_targets, valid)
+            total += loss
+            if not any(want):
+                continue
+            # d(sum CE)/d logits = softmax - one_hot(target), zero on ignored rows; built in place
+            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad_logits[
+                torch.arange(len(chunk_targets), device=logits.device), chunk_targets.clamp(min=0)
+            ] -= 1.0
+            grad_logits.mul_(valid.unsqueeze(1))
+            low = grad_logits.to(dtype)
+            del logits, grad_logits
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_rows] = low @ w
+            if grad_weight is not None:
+                grad_weight += (low.t() @ rows).float()
+            if grad_bias is not None:
+                grad_bias += low.float().sum(0)
+    return total, grad_hidden, grad_weight, grad_bias
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -60,39 +107,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         chunk_rows: int,
         ignore_index: int,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(hidden, weight)
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_bias = bias is not None and ctx.needs_input_grad[2]
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(hidden) if want_hidden else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
-            for start in range(0, hidden.shape[0], chunk_rows):
-                rows = hidden[start : start + chunk_rows].to(dtype)
-                chunk_targets = targets[start : start + chunk_rows]
-                valid = chunk_targets != ignore_index
-                logits = _chunk_logits(rows, w, b)
-                lse, loss = _chunk_loss(logits, chunk_targets, valid)
-                total += loss
-                # d(sum CE)/d logits = softmax - one_hot(target), zero on ignored rows; built in place
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets.clamp(min=0)] -= 1.0
-                grad_logits.mul_(valid.unsqueeze(1))
-                low = grad_logits.to(dtype)
-                del logits, grad_logits
-                if grad_hidden is not None:
-                    grad_hidden[start : start + chunk_rows] = low @ w
-                if grad_weight is not None:
-                    grad_weight += (low.t() @ rows).float()
-                if grad_bias is not None:
-                    grad_bias += low.float().sum(0)
-        ctx.save_for_backward(
-            *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
+        want = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
         )
-        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        total, *grads = _chunked(hidden, weight, bias, targets, chunk_rows, ignore_index, want)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in grads))
+        ctx.present = tuple(t is not None for t in grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
 
@@ -103,27 +125,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for tensor, present, dtype in zip(stored, ctx.present, ctx.dtypes):
             grads.append((tensor * grad_output).to(dtype) if present else None)
         return grads[0], grads[1], grads[2], None, None, None
-
-
-def _loss_only(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    chunk_rows: int,
-    ignore_index: int,
-) -> torch.Tensor:
-    """Validation and evaluation: the same chunked loss, no gradients computed or kept."""
-    dtype = _compute_dtype(hidden, weight)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            chunk_targets = targets[start : start + chunk_rows]
-            logits = _chunk_logits(hidden[start : start + chunk_rows].to(dtype), w, b)
-            total += _chunk_loss(logits, chunk_targets, chunk_targets != ignore_index)[1]
-    return total
 
 
 def fused_linear_cross_entropy(
@@ -143,11 +144,13 @@ def fused_linear_cross_entropy(
     the softmax in fp32. Returns an fp32 scalar; differentiable in ``hidden``, ``weight`` and ``bias``.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be [rows, width] and targets [rows]; got {tuple(hidden.shape)}, {tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be [rows, width] and targets [rows]; got {tuple(hidden.shape)}, {tuple(targets.shape)}"
+        )
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not (torch.is_grad_enabled() and needs_grad):
-        return _loss_only(hidden, weight, bias, targets, chunk_rows, ignore_index)
+        with torch.no_grad():  # validation and evaluation: the same chunked loss, no gradients kept
+            return _chunked(hidden, weight, bias, targets, chunk_rows, ignore_index, (False, False, False))[0]
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index)
-
