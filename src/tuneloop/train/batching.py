@@ -55,11 +55,21 @@ def trained_tokens(batch: dict[str, Any]) -> int:
 
 
 def real_tokens(batch: dict[str, Any]) -> int:
-    """Tokens that are not padding, for throughput: a packed row (no ``attention_mask``) has none."""
+    """Tokens that are not padding, for throughput: a packed row (no ``attention_mask``) has only the padding
+    segments it was given to reach a CUDA-graph bucket (``pad_tokens``)."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel() - batch.get("pad_tokens", 0)
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """Tensors moved to ``device``; plain values (a packed batch's ``max_length``) stay on the host."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors moved to ``device``; plain values (a packed batch's ``max_length``) stay on the host.
+
+    To a GPU the copy goes from pinned memory without blocking: a copy from pageable memory makes the host
+    wait until the GPU has finished everything queued before it, so the next batch could not be prepared
+    while the current step runs.
+    """
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }

@@ -97,7 +97,7 @@ def run(
         val_ref = reference_logps(model, val_pairs, pad, config.eval_batch_size, setup.device)
     batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / (config.grad_accum * accelerator.num_processes))
-    optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch)
+    optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch, processes=accelerator.num_processes)
     dpo_module, optimizer = accelerator.prepare(DPOLoss(model, config.dpo_beta), optimizer)  # scheduler: see sft.py
     before = _validate(accelerator, precision, dpo_module, val_pairs, val_ref, config.eval_batch_size, pad)
 

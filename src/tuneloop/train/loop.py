@@ -210,8 +210,11 @@ def _gather_rng(acc: Accelerator) -> dict[str, torch.Tensor]:
 
 def _optimizer_step(
     loop: Loop, data: LoopData, objective: Objective, window: list[list[int]], scaler: Any
-) -> tuple[float, int, dict[str, float], int]:
+) -> tuple[torch.Tensor | float, int, dict[str, torch.Tensor], int]:
     """One optimizer step over ``window``; each micro-loss is divided by the window's global count.
+
+    The summed loss and statistics come back as device tensors: reading them here would make the host wait
+    for the GPU every step; the log reads them once per logged line.
 
     Dividing every micro-batch by the same global count (not by its own) is what makes the update
     independent of how the batch is split. Across processes the count is summed, and the loss scaled by
@@ -225,7 +228,8 @@ def _optimizer_step(
         mine, weight = window[:1], 0.0
     micro = [data.collate(indices) for indices in mine]
     local = sum(objective.count(m) for m in micro) if weight else 0
-    window_count = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum"))
+    # one process needs no device round trip (which would wait for the previous step's GPU work)
+    window_count = local if acc.num_processes == 1 else int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum"))
     if window_count == 0:
         return 0.0, 0, {}, 0  # nothing trainable in this window: no update, and nothing logged as loss 0
     loop.module.train()
@@ -259,7 +263,7 @@ def _optimizer_step(
         summed = packed[0]
         stats = {k: packed[1 + i] for i, k in enumerate(sorted(stats))}
         tokens = int(packed[-1])
-    return float(summed), window_count, {k: float(v) for k, v in stats.items()}, tokens
+    return summed, window_count, stats, tokens
 
 
 class _LogWindow:
@@ -271,10 +275,12 @@ class _LogWindow:
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
-        self.loss_sum, self.count, self.tokens, self.since = 0.0, 0, 0, now
-        self.stats: dict[str, float] = {}
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.count, self.tokens, self.since = 0, 0, now
+        self.stats: dict[str, torch.Tensor | float] = {}
 
-    def add(self, loss_sum: float, count: int, tokens: int, stats: dict[str, float]) -> None:
+    def add(self, loss_sum: torch.Tensor | float, count: int, tokens: int, stats: dict[str, torch.Tensor]) -> None:
+        """Sums stay on the device until :meth:`flush` (see :func:`_optimizer_step`)."""
         self.loss_sum += loss_sum
         self.count += count
         self.tokens += tokens
@@ -289,11 +295,11 @@ class _LogWindow:
             row = {
                 "step": step,
                 "epoch": epoch,
-                "loss": self.loss_sum / self.count,
+                "loss": float(self.loss_sum) / self.count,
                 "lr": lr,
                 "tokens_per_s": round(self.tokens / max(now - self.since, 1e-9), 1),
                 self.count_name: self.count,
-                **{key: value / self.count for key, value in sorted(self.stats.items())},
+                **{key: float(value) / self.count for key, value in sorted(self.stats.items())},
             }
         self._reset(now)
         return row

@@ -65,9 +65,14 @@ class MixedPrecision:
     device_type: str
     dtype: torch.dtype
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype forward passes autocast to, or ``None`` for an fp32 run (no autocast)."""
+        return self.dtype if self.dtype in (torch.bfloat16, torch.float16) else None
+
     def autocast(self) -> Any:
-        if self.dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast(self.device_type, dtype=self.dtype)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device_type, dtype=self.autocast_dtype)
         return nullcontext()
 
     def grad_scaler(self) -> Any:
@@ -130,11 +135,14 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
-def build_optimization(config: RunConfig, model: Any, device: torch.device, steps_per_epoch: int) -> tuple[Any, Any]:
+def build_optimization(
+    config: RunConfig, model: Any, device: torch.device, steps_per_epoch: int, *, processes: int = 1
+) -> tuple[Any, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(
-        config.optimizer, trainable, lr=config.learning_rate, weight_decay=config.weight_decay, device=device
-    )
+        config.optimizer, trainable, lr=config.learning_rate, weight_decay=config.weight_decay, device=device,
+        single_process=processes == 1,
+    )  # fmt: skip
     steps = total_steps(config, steps_per_epoch)
     scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * steps), num_training_steps=steps
