@@ -23,7 +23,7 @@ module imports none of them; each builder imports what it needs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,7 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
     from tuneloop.train.batching import to_device
     from tuneloop.train.fast import apply_fast_path
     from tuneloop.train.fast.attention import packed_attention
+    from tuneloop.train.fast.casting import adapter_inputs_in_autocast_dtype
     from tuneloop.train.fast.packing import pack
     from tuneloop.train.loss import TrainedTokenLoss
     from tuneloop.train.optim import build_optimizer
@@ -198,9 +199,13 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
         model, config, device=ctx.device, tokens_per_micro_batch=ctx.workload.most_tokens_per_batch(),
         autocast_dtype=torch.bfloat16 if cuda else None,
     )  # fmt: skip
-    # as train/sft.py: packed rows attend within each example (varlen flash attention on CUDA) while training
-    attention = packed_attention(model)
-    attention.__enter__()
+    # as train/sft.py: packed rows attend within each example (varlen flash attention on CUDA) while training,
+    # and LoRA inputs stay in the autocast dtype (PEFT's fp32 upcast is a round trip under autocast)
+    contexts = ExitStack()
+    contexts.enter_context(packed_attention(model))
+    contexts.enter_context(
+        adapter_inputs_in_autocast_dtype(model, autocast_dtype=torch.bfloat16 if cuda else None, dora=method.use_dora)
+    )
     loss_module = TrainedTokenLoss(model).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optimizer, trainable, lr=config.learning_rate, weight_decay=0.0, device=ctx.device)
@@ -219,7 +224,7 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
         return loss.detach()
 
     info = {"fast_path": report.as_dict()}  # kernels in use, checkpointed layers, predicted peak, budget
-    return Trainer(inputs, step, "packed", info, close=lambda: attention.__exit__(None, None, None))
+    return Trainer(inputs, step, "packed", info, close=contexts.close)
 
 
 STACKS: dict[str, Stack] = {

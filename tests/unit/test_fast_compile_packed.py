@@ -18,7 +18,7 @@ from tests.unit.test_fast_compile import counting_backend
 from tuneloop.data.types import EncodedExample, RowRef
 from tuneloop.train.fast import apply_fast_path
 from tuneloop.train.fast.attention import packed_attention
-from tuneloop.train.fast.packing import batch_collator
+from tuneloop.train.fast.packing import RowBuckets, batch_collator
 from tuneloop.train.loss import TrainedTokenLoss
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fresh_dynamo")]
@@ -43,10 +43,11 @@ def four_layer_lora(tiny_model_dir, config):
     return get_adapter_method(config.adapter).apply(base, config)
 
 
-def random_packed_batches(vocab_size: int, count: int) -> list[dict]:
-    """``count`` packed rows: 1-9 examples of 4-``MAX_SEQ_LEN`` tokens each, half of each example trained."""
+def random_packed_batches(vocab_size: int, count: int, buckets: RowBuckets | None = None) -> list[dict]:
+    """``count`` packed rows: 1-9 examples of 4-``MAX_SEQ_LEN`` tokens each, half of each example trained
+    (``buckets``: padded up to bucket lengths, as under CUDA graphs)."""
     rng = random.Random(7)
-    collate = batch_collator(True, 0, MAX_SEQ_LEN)
+    collate = batch_collator(True, 0, MAX_SEQ_LEN, buckets)
     batches = []
     for b in range(count):
         examples = []

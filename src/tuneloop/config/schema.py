@@ -304,6 +304,16 @@ class RunConfig(BaseModel):
             "fails; `eager`: plain PyTorch; `auto`: `compile` on CUDA, `eager` elsewhere."
         ),
     )
+    cuda_graphs: bool = Field(
+        False,
+        description=(
+            "Replay each packed training step (forward, loss and backward) as a CUDA graph, one per row length: "
+            "rows are padded up to a few length buckets with segments nothing attends to and no loss is taken "
+            "on. Removes the per-kernel launch cost that bounds small models (a 135M model spends most of an "
+            "eager step launching ~8,000 kernels). Needs `packing`, one CUDA GPU and eager layers; otherwise "
+            "the run trains without graphs and says why."
+        ),
+    )
     memory_budget_gib: float | None = Field(
         None,
         gt=0.0,
@@ -329,6 +339,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"{', '.join(needs_validation)} needs validation_file")
         if self.method == "dpo" and self.adapter == "full":
             raise ValueError("method dpo needs an adapter (the reference is the base with the adapter off), not full")
+        if self.cuda_graphs and not self.packing:
+            raise ValueError("cuda_graphs needs packing: true (graphs replay packed rows of a few fixed lengths)")
         return self
     # --- end of step-3 section -------------------------------------------------------------------------
 

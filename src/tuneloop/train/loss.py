@@ -102,9 +102,11 @@ class TrainedTokenLoss(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         max_length: int | None = None,
+        pad_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A padded batch (``attention_mask``) or a packed row (``position_ids``, ``cu_seq_lens``,
-        ``max_length``: :func:`tuneloop.train.fast.packing.pack`); the loss is the same for the same examples."""
+        ``max_length``: :func:`tuneloop.train.fast.packing.pack`); the loss is the same for the same examples.
+        ``pad_tokens`` (a packed row padded to a CUDA-graph bucket) needs nothing here: padding has no labels."""
         inputs = model_inputs(input_ids, attention_mask, position_ids, cu_seq_lens, max_length)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

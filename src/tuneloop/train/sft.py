@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,9 @@ from tuneloop.models import load_tokenizer, resolve_model
 from tuneloop.registry import write_json_atomic
 from tuneloop.train.batching import epoch_batches, to_device, trained_tokens
 from tuneloop.train.fast.attention import packed_attention
-from tuneloop.train.fast.packing import batch_collator
+from tuneloop.train.fast.casting import adapter_inputs_in_autocast_dtype
+from tuneloop.train.fast.graphs import PackedStepGraphs, bucket_tokens, plan_step_graphs
+from tuneloop.train.fast.packing import RowBuckets, batch_collator
 from tuneloop.train.loop import Loop, LoopData, Objective, run_loop
 from tuneloop.train.loss import TrainedTokenLoss
 from tuneloop.train.observer import TrainObserver
@@ -76,24 +79,35 @@ def run(
     phases.mark("model")
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / (config.grad_accum * accelerator.num_processes))
-    optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch)
+    optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch, processes=accelerator.num_processes)
     # the scheduler stays unprepared: accelerate would step it once per process, our steps already count them
     loss_module, optimizer = accelerator.prepare(TrainedTokenLoss(model), optimizer)
     phases.mark("optimizer")
 
     # --- the loop: same data order, optimizer, scheduler and RNG whether resumed or not --------------------
-    # packing changes the layout of a batch (one row, no padding), never which examples form it
-    make_batch = batch_collator(config.packing, tokenizer.pad_token_id, config.max_seq_len)  # one bound: no recompiles
+    # packing changes the layout of a batch (one row, no padding), never which examples form it; under CUDA
+    # graphs each row is padded up to one of a few lengths, with padding that takes no part in the loss
+    use_graphs, why = plan_step_graphs(config, setup.device, accelerator.num_processes, fast_path.kernels, fast_path.offload)
+    graphs, buckets = None, None
+    if why:
+        fast_path = replace(fast_path, cuda_graphs=use_graphs, reasons=(*fast_path.reasons, why))
+    if use_graphs:
+        graphs = PackedStepGraphs(loss_module, autocast_dtype=precision.autocast_dtype)
+        rows = [sum(len(train_set[i].input_ids) for i in b) for b in epoch_batches(train_set, config.batch_size, config.seed, 0)]
+        buckets = RowBuckets(bucket_tokens(rows), config.max_seq_len, tokenizer.pad_token_id)
+    make_batch = batch_collator(config.packing, tokenizer.pad_token_id, config.max_seq_len, buckets)  # one bound: no recompiles
     loop_data = LoopData(
         epoch_batches=lambda epoch: epoch_batches(train_set, config.batch_size, config.seed, epoch),
         collate=lambda indices: make_batch([train_set[i] for i in indices]),
         validate=lambda: {"val_loss": _validation_loss(accelerator, precision, loss_module, val_set, config.eval_batch_size, make_batch)},
         steps_per_epoch=steps_per_epoch,
     )
-    objective = Objective(count=trained_tokens, forward=lambda module, batch: (module(**batch)[0], {}))
+    step_loss = graphs if graphs is not None else lambda module, batch: module(**batch)[0]
+    objective = Objective(count=trained_tokens, forward=lambda module, batch: (step_loss(module, batch), {}))
     stream = ([e.input_ids, e.labels] for e in train_set)
     attention = packed_attention(model) if config.packing else nullcontext()
-    with tracked(config, out, observer, accelerator, resume, fast_path) as tracked_observer, attention:
+    casting = adapter_inputs_in_autocast_dtype(model, autocast_dtype=precision.autocast_dtype, dora=method.use_dora)
+    with tracked(config, out, observer, accelerator, resume, fast_path) as tracked_observer, attention, casting:
         loop = Loop(
             config, out, accelerator, loss_module, model, optimizer, scheduler, tracked_observer,
             fingerprint(config, stream, accelerator.num_processes), precision,
@@ -103,6 +117,8 @@ def run(
     # --- artefacts: the trained weights with the chat format and task they were trained for ----------------
     save = artifact_saver(tokenizer, renderer.format, data.spec, source, out, method)
     extra = {"chat_format": renderer.format.as_dict(), "task": data.spec.as_dict(), "startup_seconds": phases.seconds}
+    if graphs is not None:
+        extra["cuda_graphs"] = graphs.summary()
     return finish("sft", config, out, accelerator, model, save, result, setup, source, extra, fast_path)
 
 

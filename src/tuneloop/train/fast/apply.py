@@ -52,6 +52,7 @@ class FastPathReport:
     predicted_peak_gib: float | None
     budget_gib: float | None
     reasons: tuple[str, ...]
+    cuda_graphs: bool = False  # set by the SFT recipe (tuneloop.train.fast.graphs.plan_step_graphs)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "checkpointed_indices": list(self.checkpointed_indices), "reasons": list(self.reasons)}
@@ -61,6 +62,8 @@ class FastPathReport:
         text = f"kernels {self.kernels}; gradient checkpointing {self.checkpointed_layers}/{self.total_layers} layers"
         if self.offload:
             text += " (inputs offloaded to host memory)"
+        if self.cuda_graphs:
+            text += "; steps replayed as CUDA graphs"
         if self.predicted_peak_gib is not None:
             text += f"; predicted peak {self.predicted_peak_gib:.1f} GiB"
         if self.budget_gib is not None:
@@ -90,7 +93,10 @@ def apply_fast_path(
     budget = budget if budget is not None else budget_bytes(config, device)
     expect_compiled = layers_compile(config) and (config.kernels == "compile" or device.type == "cuda")
     plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget, compiled=expect_compiled)
-    options = CompileOptions(backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len, packing=config.packing)
+    options = CompileOptions(
+        backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len,
+        packing=config.packing, cuda_graphs=config.cuda_graphs,
+    )  # fmt: skip
     outcome = apply_plan(model, config, layers, plan, device, options, expect_compiled=expect_compiled)
     if expect_compiled and outcome.kernels != "compile" and config.gradient_checkpointing == "auto":
         plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget, compiled=False)

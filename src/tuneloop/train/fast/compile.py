@@ -55,6 +55,7 @@ class CompileOptions:
     autocast_dtype: torch.dtype | None = None
     max_seq_len: int | None = None  # the longest training sequence (CPU attention choice, packing bound)
     packing: bool = False  # batches are packed rows: the probe traces that layout, so training adds no graph
+    cuda_graphs: bool = False  # the step is replayed as CUDA graphs (train/fast/graphs.py): auto keeps layers eager
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
 
 
 def use_auto(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
-    """``compile`` on CUDA (where Inductor's Triton kernels pay), ``eager`` elsewhere (CPU tests and demo)."""
+    """``compile`` on CUDA (where Inductor's Triton kernels pay), ``eager`` elsewhere (CPU tests and demo) and
+    under ``cuda_graphs`` (the graphs remove the launches compiling would fuse, without compiling)."""
+    if device.type == "cuda" and options.cuda_graphs:
+        return KernelOutcome("eager", 0, "kernels: auto is eager under cuda_graphs")
     if device.type == "cuda":
         return compile_layers(model, layers, device, options)
     outcome = use_eager(model, layers, device, options)

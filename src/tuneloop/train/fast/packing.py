@@ -21,7 +21,9 @@ trained-token count and therefore the gradient are the same; only the layout dif
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,38 +33,80 @@ from tuneloop.data.types import EncodedExample
 from tuneloop.train.batching import collate
 
 
-def pack(examples: Sequence[EncodedExample], max_length: int | None = None) -> dict[str, Any]:
-    """One row of the examples end to end, with per-example positions and boundaries (no padding).
+@dataclass(frozen=True)
+class RowBuckets:
+    """Row lengths a packed row is padded up to, so that a run sees a few shapes (CUDA graphs replay one per shape).
+
+    A row of ``T`` tokens becomes the next multiple of ``tokens`` that leaves room for ``segments`` padding
+    segments of 1 to ``max_length`` tokens each. Padding is split into segments, not left as one, so every
+    segment stays within the attention bound ``max_length`` and none is empty; a fixed number of them keeps
+    ``cu_seq_lens`` one length for every full batch. Padding tokens are ``pad_token_id`` with no label: they
+    attend only among themselves and add nothing to the loss or its gradient.
+    """
+
+    tokens: int
+    max_length: int
+    pad_token_id: int
+
+    @property
+    def segments(self) -> int:
+        # any padding of segments..tokens+segments-1 tokens splits into this many parts of <= max_length
+        return max(1, math.ceil((self.tokens - 1) / max(self.max_length - 1, 1)))
+
+    def padded_length(self, tokens: int) -> int:
+        return math.ceil((tokens + self.segments) / self.tokens) * self.tokens
+
+    def padding_segments(self, tokens: int) -> list[int]:
+        padding = self.padded_length(tokens) - tokens
+        base, extra = divmod(padding, self.segments)
+        return [base + 1] * extra + [base] * (self.segments - extra)
+
+
+def pack(
+    examples: Sequence[EncodedExample], max_length: int | None = None, buckets: RowBuckets | None = None
+) -> dict[str, Any]:
+    """One row of the examples end to end, with per-example positions and boundaries.
 
     ``max_length``: the bound reported to attention (see the module docstring); default the longest example.
+    ``buckets``: pad the row up to a bucket length (:class:`RowBuckets`); ``pad_tokens`` says how many tokens
+    of the row are padding (0 without buckets).
     """
     if not examples:
         raise ValueError("cannot pack an empty batch")
     lengths = [len(e.input_ids) for e in examples]
     if max_length is not None and max(lengths) > max_length:
         raise ValueError(f"an example of {max(lengths)} tokens is longer than the packing bound {max_length}")
-    input_ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)
-    labels = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long)
-    cu_seq_lens = torch.zeros(len(examples) + 1, dtype=torch.int32)
-    cu_seq_lens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), dim=0)
+    ids = [t for e in examples for t in e.input_ids]
+    targets = [t for e in examples for t in e.labels]
+    segments = list(lengths)
+    if buckets is not None:
+        padding = buckets.padding_segments(len(ids))
+        ids += [buckets.pad_token_id] * sum(padding)
+        targets += [IGNORE_INDEX] * sum(padding)
+        segments += padding
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.tensor(targets, dtype=torch.long)
+    cu_seq_lens = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu_seq_lens[1:] = torch.cumsum(torch.tensor(segments, dtype=torch.int32), dim=0)
     labels[cu_seq_lens[:-1].long()] = IGNORE_INDEX  # no target across a boundary (see the module docstring)
-    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in segments])
     return {
         "input_ids": input_ids.unsqueeze(0),
         "labels": labels.unsqueeze(0),
         "position_ids": position_ids.unsqueeze(0),
         "cu_seq_lens": cu_seq_lens,
         "max_length": max(lengths) if max_length is None else max_length,
+        "pad_tokens": len(ids) - sum(lengths),
     }
 
 
 def batch_collator(
-    packing: bool, pad_token_id: int, max_length: int | None = None
+    packing: bool, pad_token_id: int, max_length: int | None = None, buckets: RowBuckets | None = None
 ) -> Callable[[Sequence[EncodedExample]], dict[str, Any]]:
-    """The layout a run's batches use: packed rows (``max_length``: the run's one bound, its ``max_seq_len``),
-    or right-padded rows (the default)."""
+    """The layout a run's batches use: packed rows (``max_length``: the run's one bound, its ``max_seq_len``;
+    ``buckets``: row lengths for CUDA graphs), or right-padded rows (the default)."""
     if packing:
-        return lambda examples: pack(examples, max_length)
+        return lambda examples: pack(examples, max_length, buckets)
     return lambda examples: collate(examples, pad_token_id)
 
 
