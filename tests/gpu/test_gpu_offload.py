@@ -35,17 +35,22 @@ def build(tiny_model_dir, config, dtype=torch.float32):
 
 
 def measured_step(model, ids):
-    """Loss, gradients and the peak allocated above the start of one forward + backward."""
+    """Loss, gradients, and what the forward pass left allocated for the backward (above the start).
+
+    Held after the forward, not the step's peak: the peak comes in the backward pass, where a full fine-tune's
+    weight gradients (and the recomputed layer) outweigh the saved inputs, so it says little about them.
+    """
     model.train()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    torch.cuda.synchronize()  # the side-stream copies to the host are done ...
+    torch.empty(1, device=CUDA)  # ... and an allocation lets the allocator release the blocks they were reading
+    held = torch.cuda.memory_allocated() - start
     loss.backward()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - start
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, peak
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, held
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
@@ -60,15 +65,15 @@ def test_offloaded_inputs_leave_the_gpu_and_gradients_match_torch_checkpoint(tin
         results[offload] = measured_step(model, ids)
         del model
         torch.cuda.empty_cache()
-    (loss, grads, peak), (off_loss, off_grads, off_peak) = results[False], results[True]
+    (loss, grads, held), (off_loss, off_grads, off_held) = results[False], results[True]
     assert off_loss == pytest.approx(loss, rel=1e-6)
     assert off_grads.keys() == grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(off_grads[name], grads[name], rtol=1e-5, atol=1e-6)
     one_input = BATCH * SEQ * HIDDEN * 4
-    saved = peak - off_peak
+    saved = held - off_held
     # all but two inputs (the one recomputed and the next, prefetched) left the GPU; allow a quarter for slack
-    assert saved >= 0.75 * (LAYERS - 2) * one_input, (peak, off_peak, one_input)
+    assert saved >= 0.75 * (LAYERS - 2) * one_input, (held, off_held, one_input)
 
 
 def test_auto_at_a_tight_budget_offloads_and_keeps_inductor(tiny_config, tiny_model_dir):
