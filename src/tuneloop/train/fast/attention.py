@@ -75,6 +75,10 @@ def varlen_attention_forward(
             return _varlen_kernel(
                 api, query, key, value, cu_seq_lens, max_length, scaling, sliding_window
             ), None
+        if _is_block_mask(attention_mask, query) and not sliding_window:  # built once per forward (model_inputs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         segments = segments_from_boundaries(cu_seq_lens, query.shape[2])
     elif attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
         # padded batches (transformers' sdpa mask), and decoding with a cache: plain sdpa
@@ -87,6 +91,12 @@ def varlen_attention_forward(
         )
     mask = block_causal_mask(segments, sliding_window)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _is_block_mask(mask: torch.Tensor | None, query: torch.Tensor) -> bool:
+    """A boolean ``[1, 1, T, T]`` mask for this packed row (what ``model_inputs`` builds on the CPU)."""
+    length = query.shape[2]
+    return mask is not None and mask.dtype == torch.bool and tuple(mask.shape) == (1, 1, length, length)
 
 
 def varlen_mask(**kwargs: Any) -> torch.Tensor | None:
