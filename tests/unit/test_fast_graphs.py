@@ -55,7 +55,7 @@ def test_a_bucket_padded_row_trains_exactly_what_the_unpadded_row_trains(tiny_mo
 
     model = lora_model(tiny_model_dir)
     module = TrainedTokenLoss(model)
-    decoder, head = module._parts
+    decoder, head = module.parts
     row_loss = _PackedRowLoss(decoder, head, module.chunk, max_length=128, dtype=None)
     results = []
     with packed_attention(model):
@@ -83,7 +83,7 @@ def test_random_rows_padded_to_buckets_keep_their_loss(tiny_config, tiny_model_d
     model = four_layer_lora(tiny_model_dir, config)
     vocab = model.get_base_model().config.vocab_size
     module = TrainedTokenLoss(model)
-    row_loss = _PackedRowLoss(*module._parts, module.chunk, max_length=MAX_SEQ_LEN, dtype=None)
+    row_loss = _PackedRowLoss(*module.parts, module.chunk, max_length=MAX_SEQ_LEN, dtype=None)
     buckets = RowBuckets(128, MAX_SEQ_LEN, pad_token_id=0)
     with packed_attention(model), torch.no_grad():
         for batch in random_packed_batches(vocab, 8):

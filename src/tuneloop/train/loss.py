@@ -90,8 +90,8 @@ class TrainedTokenLoss(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self._parts = _backbone_and_head(model)
-        self.chunk = chunk_tokens(self._parts[1].weight.shape[0]) if self._parts is not None else 0
+        self.parts = _backbone_and_head(model)  # (decoder, head), or None: the model's own forward is used
+        self.chunk = chunk_tokens(self.parts[1].weight.shape[0]) if self.parts is not None else 0
 
     def forward(
         self,
@@ -111,11 +111,11 @@ class TrainedTokenLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         count = keep.sum()
-        if self._parts is None:
+        if self.parts is None:
             logits = self.model(**inputs).logits[:, :-1]
             loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
         else:
-            decoder, head = self._parts
+            decoder, head = self.parts
             hidden = decoder(**inputs).last_hidden_state
             loss = head_loss(head, hidden[:, :-1][keep], targets[keep], self.chunk)
         return loss, count

@@ -91,7 +91,7 @@ class PackedStepGraphs:
     """
 
     def __init__(self, loss: TrainedTokenLoss, *, autocast_dtype: torch.dtype | None) -> None:
-        parts = getattr(loss, "_parts", None)
+        parts = loss.parts
         if parts is None:
             raise ValueError("CUDA graphs need a model whose decoder and output head tuneloop can call separately")
         self._loss = loss
