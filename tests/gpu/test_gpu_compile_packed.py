@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from tests.unit.test_fast_compile import counting_backend
-from tests.unit.test_fast_compile_packed import MAX_SEQ_LEN, four_layer_lora, random_packed_batches
+from tests.unit.test_fast_compile_packed import MAX_SEQ_LEN, four_layer_lora, losses, random_packed_batches
 from tuneloop.compat.varlen_attn import installed_varlen_api
-from tuneloop.train.batching import to_device
 from tuneloop.train.fast import apply_fast_path
-from tuneloop.train.fast.attention import packed_attention
-from tuneloop.train.loss import TrainedTokenLoss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,17 +25,7 @@ CUDA = torch.device("cuda")
 
 
 def bf16_losses(model, batches) -> list[float]:
-    module = TrainedTokenLoss(model)
-    out = []
-    with packed_attention(model):
-        model.train()
-        for batch in batches:
-            model.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss_sum, count = module(**to_device(batch, CUDA))
-            (loss_sum / count).backward()
-            out.append(float(loss_sum.detach()) / int(count))
-    return out
+    return losses(model, batches, CUDA, torch.bfloat16)
 
 
 def test_compiled_packed_rows_on_the_flash_kernel_compile_a_handful_of_graphs(tiny_config, tiny_model_dir):

@@ -9,6 +9,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from tests.unit.test_fast_compile import step
 from tuneloop.train.estimate import (
     GIB,
     GPUS,
@@ -114,16 +115,6 @@ def test_flags_are_set_on_the_first_layers_only(tiny_config, tiny_model_dir):
     assert apply_checkpointing(layers, 1, offload=False, pin_memory=False) == (0,)
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
     assert all(callable(layer._gradient_checkpointing_func) for layer in layers)
-
-
-def step(model, batch):
-    from tuneloop.train.loss import TrainedTokenLoss
-
-    model.train()
-    model.zero_grad()
-    loss, _ = TrainedTokenLoss(model)(**batch)
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.fixture
