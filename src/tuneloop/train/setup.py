@@ -124,7 +124,7 @@ def build_model(
         config,
         device=setup.device,
         tokens_per_micro_batch=micro_batch_tokens(config),
-        autocast_dtype=setup.dtype if setup.dtype in (torch.bfloat16, torch.float16) else None,
+        autocast_dtype=MixedPrecision(setup.device.type, setup.dtype).autocast_dtype,
     )
     return model, report
 
