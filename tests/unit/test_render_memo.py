@@ -10,11 +10,17 @@ pytestmark = pytest.mark.unit
 
 
 class CountingTokenizer:
-    """The tiny tokenizer, with the texts passed to ``encode`` recorded (composition, nothing patched)."""
+    """The tiny tokenizer, with the texts passed to ``encode`` and the batches passed to it recorded (composition,
+    nothing patched)."""
 
     def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
         self.encoded: list[str] = []
+        self.batches: list[list[str]] = []
+
+    def __call__(self, texts, **kwargs):
+        self.batches.append(list(texts))
+        return self._tokenizer(texts, **kwargs)
 
     def encode(self, text, **kwargs):
         self.encoded.append(text)
@@ -46,3 +52,4 @@ def test_repeated_answers_are_tokenized_once_and_encode_the_same(tiny_tokenizer)
     assert examples == expected and report.as_dict() == expected_report.as_dict()
     answers = [t for t in counting.encoded if t in {"billing", "bug report", "onboarding"}]
     assert sorted(answers) == ["billing", "bug report", "onboarding"]
+    assert len(counting.batches) == 1 and len(counting.batches[0]) == 30  # every prompt part in one call
