@@ -154,7 +154,7 @@ def test_probe_leaves_no_trace_in_rng_modes_or_gradients(tiny_config, tiny_model
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_auto_is_eager_on_cpu_and_the_registry_knows_every_config_value(tiny_config, tiny_model_dir):
+def test_auto_is_fused_on_cpu_and_the_registry_knows_every_config_value(tiny_config, tiny_model_dir):
     from typing import get_args
 
     from tuneloop.config.schema import RunConfig
@@ -162,7 +162,7 @@ def test_auto_is_eager_on_cpu_and_the_registry_knows_every_config_value(tiny_con
     graphs: list[int] = []
     model = build(tiny_model_dir, tiny_config())
     report = apply_fast_path(model, tiny_config(kernels="auto"), device=CPU, tokens_per_micro_batch=512, compile_backend=counting_backend(graphs))
-    assert report.kernels == "eager" and graphs == []
+    assert report.kernels == "fused" and graphs == []
     assert set(KERNELS) == set(get_args(RunConfig.model_fields["kernels"].annotation))
     with pytest.raises(KeyError, match="unknown kernels"):
         get_kernel_choice("triton")
@@ -174,6 +174,6 @@ def test_auto_on_cpu_uses_plain_attention_for_short_sequences(tiny_model_dir, ti
     model = build(tiny_model_dir, config)
     model.get_base_model().set_attn_implementation("sdpa")
     report = apply_fast_path(model, config, device=CPU, tokens_per_micro_batch=64)
-    assert report.kernels == "eager"
+    assert report.kernels == "fused"
     assert model.get_base_model().config._attn_implementation == expected
     assert ("plain matmul" in report.reasons[1]) == (expected == "eager")

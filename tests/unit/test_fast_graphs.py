@@ -18,37 +18,53 @@ from tuneloop.train.batching import real_tokens, trained_tokens
 from tuneloop.train.estimate import layers_compile
 from tuneloop.train.fast.attention import packed_attention
 from tuneloop.train.fast.compile import CompileOptions, use_auto
-from tuneloop.train.fast.graphs import _PackedRowLoss, bucket_tokens, plan_step_graphs
+from tuneloop.train.fast.graphs import CAPTURE_COST_ROWS, _PackedRowLoss, plan_buckets, plan_step_graphs
 from tuneloop.train.fast.packing import RowBuckets, pack
 from tuneloop.train.loss import TrainedTokenLoss
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize(("tokens", "max_length"), [(64, 16), (128, 128), (1024, 256), (256, 7), (8, 300)])
-def test_a_row_pads_to_a_bucket_multiple_with_a_fixed_count_of_bounded_nonempty_segments(tokens, max_length):
-    buckets = RowBuckets(tokens, max_length, pad_token_id=0)
-    for length in range(1, 3 * tokens + 5):
+@pytest.mark.parametrize(
+    ("lengths", "max_length"),
+    [((64,), 16), ((128,), 128), ((1024,), 256), ((256,), 7), ((8,), 300), ((384, 512, 1152), 100)],
+)
+def test_a_row_pads_to_a_bucket_with_a_fixed_count_of_bounded_nonempty_segments(lengths, max_length):
+    buckets = RowBuckets(lengths, max_length, pad_token_id=0)
+    for length in range(1, 3 * lengths[-1] + 5):
         padded = buckets.padded_length(length)
         segments = buckets.padding_segments(length)
-        assert padded % tokens == 0 and padded > length
+        assert padded in lengths or (padded - lengths[-1]) % buckets.widest_gap == 0
+        assert padded > length and all(b < length + len(segments) for b in lengths if b < padded)  # the shortest fit
         assert sum(segments) == padded - length
         assert len(segments) == buckets.segments  # cu_seq_lens has one length for every full batch
         assert all(1 <= s <= max_length for s in segments), (length, segments)  # within the attention bound
+    with pytest.raises(ValueError, match="ascending"):
+        RowBuckets((512, 256), max_length, pad_token_id=0)
 
 
-def test_bucket_width_is_the_narrowest_that_keeps_a_handful_of_shapes():
-    rows = [1886 + 57 * i for i in range(160)]  # 1,886..10,949 tokens: workload (c)'s spread at batch 128
-    width = bucket_tokens(rows, max_buckets=8)
-    assert len({-(-n // width) for n in rows}) <= 8
-    assert len({-(-n // (width // 2)) for n in rows}) > 8
-    assert bucket_tokens([500] * 10) == 128  # one shape: the smallest width
+def padded_tokens(rows, lengths, max_length):
+    buckets = RowBuckets(lengths, max_length, pad_token_id=0)
+    return sum(buckets.padded_length(n) for n in rows)
+
+
+def test_buckets_weigh_padding_against_captures():
+    rows = [1695 + (i * 7919) % 3849 for i in range(314)]  # 1,695..5,543 tokens: workload (c)'s spread at batch 64
+    lengths = plan_buckets(rows, 256)
+    assert all(n % 128 == 0 for n in lengths) and lengths[-1] >= max(rows)
+    cost = padded_tokens(rows, lengths, 256) + CAPTURE_COST_ROWS * sum(rows) / len(rows) * len(lengths)
+    for other in ((lengths[-1],), tuple(range(1792, lengths[-1] + 1, 128))):  # one bucket; every 128 tokens
+        other_cost = padded_tokens(rows, other, 256) + CAPTURE_COST_ROWS * sum(rows) / len(rows) * len(other)
+        assert cost <= other_cost, other
+    assert 1 < len(lengths) < 8
+    assert plan_buckets([500] * 10, 256) == (512,)  # one shape, one bucket: 500 tokens and 3 padding segments
+    assert len(plan_buckets(rows, 256, capture_cost_rows=0.0)) > len(lengths)  # free captures: a bucket per length
 
 
 def test_a_bucket_padded_row_trains_exactly_what_the_unpadded_row_trains(tiny_model_dir, tiny_tokenizer):
     items = encode(tiny_tokenizer)
     plain = pack(items, max_length=128)
-    padded = pack(items, max_length=128, buckets=RowBuckets(64, 16, tiny_tokenizer.pad_token_id))
+    padded = pack(items, max_length=128, buckets=RowBuckets((64,), 16, tiny_tokenizer.pad_token_id))
     assert padded["input_ids"].shape[1] % 64 == 0 and padded["pad_tokens"] > 0
     assert real_tokens(padded) == real_tokens(plain) == plain["input_ids"].shape[1]
     assert trained_tokens(padded) == trained_tokens(plain)
@@ -84,7 +100,7 @@ def test_random_rows_padded_to_buckets_keep_their_loss(tiny_config, tiny_model_d
     vocab = model.get_base_model().config.vocab_size
     module = TrainedTokenLoss(model)
     row_loss = _PackedRowLoss(*module.parts, module.chunk, max_length=MAX_SEQ_LEN, dtype=None)
-    buckets = RowBuckets(128, MAX_SEQ_LEN, pad_token_id=0)
+    buckets = RowBuckets((128,), MAX_SEQ_LEN, pad_token_id=0)
     with packed_attention(model), torch.no_grad():
         for batch in random_packed_batches(vocab, 8):
             examples = batch["cu_seq_lens"].diff().tolist()
@@ -111,11 +127,11 @@ def test_graphs_are_planned_only_where_they_can_replay(tiny_config):
     assert plan_step_graphs(tiny_config(packing=True), cuda, 1, "eager", False) == (False, "")
 
 
-def test_cuda_graphs_keep_auto_layers_eager_and_need_packing(tiny_config):
+def test_cuda_graphs_keep_auto_layers_uncompiled_and_need_packing(tiny_config):
     config = tiny_config(packing=True, cuda_graphs=True, kernels="auto")
     assert not layers_compile(config)  # the memory plan counts eager activations
     assert layers_compile(config.model_copy(update={"cuda_graphs": False}))
     outcome = use_auto(None, [torch.nn.Linear(2, 2)], torch.device("cuda"), CompileOptions(cuda_graphs=True))
-    assert outcome.kernels == "eager" and "cuda_graphs" in outcome.reason
+    assert outcome.kernels == "fused" and "cuda_graphs" in outcome.reason
     with pytest.raises((ConfigError, ValueError), match="cuda_graphs needs packing"):
         tiny_config(cuda_graphs=True)

@@ -296,12 +296,14 @@ class RunConfig(BaseModel):
             "compute is spent on padding. SFT only (DPO batches stay padded)."
         ),
     )
-    kernels: Literal["auto", "compile", "eager"] = Field(
+    kernels: Literal["auto", "compile", "fused", "eager"] = Field(
         "auto",
         description=(
             "`compile`: each decoder layer is compiled by torch.compile (fused norm, RoPE, SwiGLU and LoRA "
             "element-wise work, and leaner saved activations), falling back to eager with a warning if compiling "
-            "fails; `eager`: plain PyTorch; `auto`: `compile` on CUDA, `eager` elsewhere."
+            "fails; `fused`: uncompiled layers, with each plain LoRA linear computed as three matmuls and each "
+            "RMSNorm by torch's fused op; `eager`: the modules exactly as PEFT and transformers build them; "
+            "`auto`: `compile` on CUDA, `fused` under `cuda_graphs` and on the CPU."
         ),
     )
     cuda_graphs: bool = Field(
@@ -310,7 +312,7 @@ class RunConfig(BaseModel):
             "Replay each packed training step (forward, loss and backward) as a CUDA graph, one per row length: "
             "rows are padded up to a few length buckets with segments nothing attends to and no loss is taken "
             "on. Removes the per-kernel launch cost that bounds small models (a 135M model spends most of an "
-            "eager step launching ~8,000 kernels). Needs `packing`, one CUDA GPU and eager layers; otherwise "
+            "eager step launching ~8,000 kernels). Needs `packing`, one CUDA GPU and uncompiled layers; otherwise "
             "the run trains without graphs and says why."
         ),
     )

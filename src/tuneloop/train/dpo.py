@@ -20,7 +20,7 @@ sequence log-probabilities are read per row (packing is an SFT speed-up, see ``t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ def run(
 
     # --- model: the policy is base + adapter; the reference is the same weights with the adapter off -------
     model, fast_path = build_model(config, method, source, setup)
+    if fast_path.kernels == "fused":  # the swap hides the PEFT layers that the reference pass switches off
+        fast_path = replace(fast_path, kernels="eager", reasons=(*fast_path.reasons, "DPO keeps PEFT's LoRA layers"))
     pad = tokenizer.pad_token_id
     with precision.autocast():  # the same mixed precision as the policy's forward, so step 0 has zero rewards
         train_ref = reference_logps(model, train_pairs, pad, config.eval_batch_size, setup.device)

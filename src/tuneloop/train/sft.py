@@ -26,7 +26,8 @@ from tuneloop.registry import write_json_atomic
 from tuneloop.train.batching import epoch_batches, to_device, trained_tokens
 from tuneloop.train.fast.attention import packed_attention
 from tuneloop.train.fast.casting import adapter_inputs_in_autocast_dtype
-from tuneloop.train.fast.graphs import PackedStepGraphs, bucket_tokens, plan_step_graphs
+from tuneloop.train.fast.fused import fused_layers
+from tuneloop.train.fast.graphs import PackedStepGraphs, plan_buckets, plan_step_graphs
 from tuneloop.train.fast.packing import RowBuckets, batch_collator
 from tuneloop.train.loop import Loop, LoopData, Objective, run_loop
 from tuneloop.train.loss import TrainedTokenLoss
@@ -93,13 +94,19 @@ def run(
         fast_path = replace(fast_path, cuda_graphs=use_graphs, reasons=(*fast_path.reasons, why))
     if use_graphs:
         graphs = PackedStepGraphs(loss_module, autocast_dtype=precision.autocast_dtype)
-        rows = [sum(len(train_set[i].input_ids) for i in b) for b in epoch_batches(train_set, config.batch_size, config.seed, 0)]
-        buckets = RowBuckets(bucket_tokens(rows), config.max_seq_len, tokenizer.pad_token_id)
-    make_batch = batch_collator(config.packing, tokenizer.pad_token_id, config.max_seq_len, buckets)  # one bound: no recompiles
+        rows = [
+            sum(len(train_set[i].input_ids) for i in batch)
+            for epoch in range(config.epochs)
+            for batch in epoch_batches(train_set, config.batch_size, config.seed, epoch)
+        ]
+        buckets = RowBuckets(plan_buckets(rows, config.max_seq_len), config.max_seq_len, tokenizer.pad_token_id)
+    # one bound for every batch: no recompiles; validation is never graphed, so its rows keep their lengths
+    make_batch = batch_collator(config.packing, tokenizer.pad_token_id, config.max_seq_len, buckets)
+    make_val_batch = batch_collator(config.packing, tokenizer.pad_token_id, config.max_seq_len)
     loop_data = LoopData(
         epoch_batches=lambda epoch: epoch_batches(train_set, config.batch_size, config.seed, epoch),
         collate=lambda indices: make_batch([train_set[i] for i in indices]),
-        validate=lambda: {"val_loss": _validation_loss(accelerator, precision, loss_module, val_set, config.eval_batch_size, make_batch)},
+        validate=lambda: {"val_loss": _validation_loss(accelerator, precision, loss_module, val_set, config.eval_batch_size, make_val_batch)},
         steps_per_epoch=steps_per_epoch,
     )
     step_loss = graphs if graphs is not None else lambda module, batch: module(**batch)[0]
@@ -107,7 +114,9 @@ def run(
     stream = ([e.input_ids, e.labels] for e in train_set)
     attention = packed_attention(model) if config.packing else nullcontext()
     casting = adapter_inputs_in_autocast_dtype(model, autocast_dtype=precision.autocast_dtype, dora=method.use_dora)
-    with tracked(config, out, observer, accelerator, resume, fast_path) as tracked_observer, attention, casting:
+    fused = fused_layers(model, enabled=fast_path.kernels == "fused")
+    track = tracked(config, out, observer, accelerator, resume, fast_path)
+    with fused as fused_counts, track as tracked_observer, attention, casting:
         loop = Loop(
             config, out, accelerator, loss_module, model, optimizer, scheduler, tracked_observer,
             fingerprint(config, stream, accelerator.num_processes), precision,
@@ -116,7 +125,12 @@ def run(
 
     # --- artefacts: the trained weights with the chat format and task they were trained for ----------------
     save = artifact_saver(tokenizer, renderer.format, data.spec, source, out, method)
-    extra = {"chat_format": renderer.format.as_dict(), "task": data.spec.as_dict(), "startup_seconds": phases.seconds}
+    extra = {
+        "chat_format": renderer.format.as_dict(),
+        "task": data.spec.as_dict(),
+        "startup_seconds": phases.seconds,
+        "fused_layers": fused_counts,
+    }
     if graphs is not None:
         extra["cuda_graphs"] = graphs.summary()
     return finish("sft", config, out, accelerator, model, save, result, setup, source, extra, fast_path)
@@ -152,8 +166,8 @@ def _validation_loss(
     loss_module.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = make_batch([examples[i] for i in order[start : start + batch_size]])
+    for first in range(0, len(order), batch_size):
+        batch = make_batch([examples[i] for i in order[first : first + batch_size]])
         with precision.autocast():
             loss_sum, tokens = loss_module(**to_device(batch, accelerator.device))
         total += float(loss_sum)

@@ -43,7 +43,7 @@ from tuneloop.train.fast.offload import CompiledLayerCall
 class FastPathReport:
     """What the fast path did to a model (kept in ``record.json`` under ``train.fast_path``)."""
 
-    kernels: str  # actually in use: "compile" or "eager"
+    kernels: str  # actually in use: "compile", "fused" or "eager"
     kernels_requested: str
     checkpointed_layers: int
     total_layers: int

@@ -55,12 +55,12 @@ class CompileOptions:
     autocast_dtype: torch.dtype | None = None
     max_seq_len: int | None = None  # the longest training sequence (CPU attention choice, packing bound)
     packing: bool = False  # batches are packed rows: the probe traces that layout, so training adds no graph
-    cuda_graphs: bool = False  # the step is replayed as CUDA graphs (train/fast/graphs.py): auto keeps layers eager
+    cuda_graphs: bool = False  # the step is replayed as CUDA graphs (train/fast/graphs.py): auto keeps layers uncompiled
 
 
 @dataclass(frozen=True)
 class KernelOutcome:
-    """What a kernel choice did: the kernels actually in use (``compile`` or ``eager``) and why."""
+    """What a kernel choice did: the kernels actually in use (``compile``, ``fused`` or ``eager``) and why."""
 
     kernels: str
     compiled_layers: int
@@ -72,6 +72,12 @@ KernelChoice = Callable[[Any, list[nn.Module], torch.device, CompileOptions], Ke
 
 def use_eager(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
     return KernelOutcome("eager", 0, "kernels: eager")
+
+
+def use_fused(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
+    """Uncompiled layers whose LoRA linears and RMSNorms the SFT loop swaps for fused ones
+    (:mod:`tuneloop.train.fast.fused`); nothing to do to the model here."""
+    return KernelOutcome("fused", 0, "kernels: fused LoRA linears and RMSNorms in uncompiled layers")
 
 
 def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
@@ -95,14 +101,14 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
 
 
 def use_auto(model: Any, layers: list[nn.Module], device: torch.device, options: CompileOptions) -> KernelOutcome:
-    """``compile`` on CUDA (where Inductor's Triton kernels pay), ``eager`` elsewhere (CPU tests and demo) and
+    """``compile`` on CUDA (where Inductor's Triton kernels pay), ``fused`` elsewhere (CPU tests and demo) and
     under ``cuda_graphs`` (the graphs remove the launches compiling would fuse, without compiling)."""
     if device.type == "cuda" and options.cuda_graphs:
-        return KernelOutcome("eager", 0, "kernels: auto is eager under cuda_graphs")
+        return KernelOutcome("fused", 0, "kernels: auto is fused (uncompiled) under cuda_graphs")
     if device.type == "cuda":
         return compile_layers(model, layers, device, options)
-    outcome = use_eager(model, layers, device, options)
-    reason = f"kernels: auto on {device.type} is eager"
+    outcome = use_fused(model, layers, device, options)
+    reason = f"kernels: auto on {device.type} is fused (uncompiled)"
     if device.type == "cpu" and _use_math_attention(model, options.max_seq_len):
         reason += "; attention computed by plain matmul + softmax (faster than SDPA's CPU kernel at these lengths)"
     return KernelOutcome(outcome.kernels, 0, reason)
@@ -132,7 +138,7 @@ def _use_math_attention(model: Any, max_seq_len: int | None) -> bool:
     return True
 
 
-KERNELS: dict[str, KernelChoice] = {"eager": use_eager, "compile": compile_layers, "auto": use_auto}
+KERNELS: dict[str, KernelChoice] = {"eager": use_eager, "fused": use_fused, "compile": compile_layers, "auto": use_auto}
 
 
 def get_kernel_choice(name: str) -> KernelChoice:

@@ -12,11 +12,12 @@ How, with torch's own ``torch.cuda.make_graphed_callables`` (no capture code of 
   up to a bucket (:class:`~tuneloop.train.fast.packing.RowBuckets`) with padding segments that attend only
   among themselves and carry no labels, and the loss is taken over every position with ignored targets
   instead of gathering the trained positions (a gather's size is data, which a graph cannot have).
-  :func:`bucket_tokens` picks the bucket width from the run's own batches so that a run has a handful of
-  shapes; the padding costs a few percent of the compute.
-* **Capture on the second sighting.** A shape is run eagerly the first time it is seen, and captured when it
-  comes back; a shape seen once (an epoch's last, short batch) never pays for a capture, and the eager run
-  is also the warm-up the capture needs (cuBLAS workspaces, lazy initialisation).
+  :func:`plan_buckets` picks the bucket lengths from the run's own rows, weighing the padding a bucket adds
+  against the capture a further bucket costs (about one eager step, i.e. ``CAPTURE_COST_ROWS`` replays).
+* **Capture on first sighting.** The run's first step is eager: it initialises what a capture must not
+  (cuBLAS workspaces, kernels' lazy set-up). After it, a shape is captured the first time it is seen;
+  capturing costs about what running the step eagerly costs, so even a shape seen once (an epoch's last,
+  short batch) loses nothing by it.
 * **One memory pool** for all shapes: the graphs run one after another, never interleaved, so the memory one
   bucket's activations use is reused by the next.
 
@@ -43,23 +44,55 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuneloop.train.fast.packing import model_inputs
+from tuneloop.train.fast.packing import RowBuckets, model_inputs
 from tuneloop.train.loss import TrainedTokenLoss, head_loss
 
-MAX_BUCKETS = 8
-SMALLEST_BUCKET = 128
-# the eager run of a shape's first sighting has already initialised what a capture must not (cuBLAS handles,
-# kernels' lazy set-up); torch's default of 3 more eager passes would cost ~0.2 s each per shape on the 135M model
+SMALLEST_BUCKET = 128  # bucket lengths are multiples of this
+# a capture costs about one eager step, and one eager step of the 135M model about ten replays of its graph
+# (H200: ~0.29 s against ~0.03 s at 64 examples a step); a further bucket must save that much padding
+CAPTURE_COST_ROWS = 10
+# the run's first step has already initialised what a capture must not (cuBLAS handles, kernels' lazy set-up);
+# torch's default of 3 more eager passes would cost ~0.2 s each per shape on the 135M model
 CAPTURE_WARMUP_ITERS = 0
 
 
-def bucket_tokens(row_lengths: Sequence[int], max_buckets: int = MAX_BUCKETS, smallest: int = SMALLEST_BUCKET) -> int:
-    """The narrowest power-of-two bucket width (>= ``smallest``) that puts ``row_lengths`` into at most
-    ``max_buckets`` distinct padded lengths: fewer captures against less padding."""
-    width = smallest
-    while len({math.ceil(n / width) for n in row_lengths}) > max_buckets:
-        width *= 2
-    return width
+def plan_buckets(
+    row_lengths: Sequence[int],
+    max_length: int,
+    *,
+    quantum: int = SMALLEST_BUCKET,
+    capture_cost_rows: float = CAPTURE_COST_ROWS,
+) -> tuple[int, ...]:
+    """Bucket lengths (multiples of ``quantum``) for rows of ``row_lengths`` tokens that minimise padded tokens
+    plus ``capture_cost_rows`` mean rows per bucket, exactly (dynamic programming over the rows' own lengths).
+
+    The buckets must leave room for the padding segments their widest gap needs (:class:`RowBuckets`), which
+    depend on the buckets: planned again with that room until it suffices (it grows, so this ends).
+    """
+    if not row_lengths:
+        raise ValueError("no rows to plan buckets for")
+    penalty = capture_cost_rows * sum(row_lengths) / len(row_lengths)
+    room = 1
+    while True:
+        counts = Counter(math.ceil((n + room) / quantum) * quantum for n in row_lengths)
+        lengths = sorted(counts)
+        best = [0.0] + [math.inf] * len(lengths)  # best[i]: cost of the i shortest lengths, the i-th a bucket top
+        cut = [0] * (len(lengths) + 1)
+        for i in range(1, len(lengths) + 1):
+            rows = 0
+            for k in range(i - 1, -1, -1):  # the bucket ending at lengths[i-1] takes lengths[k:i]
+                rows += counts[lengths[k]]
+                cost = best[k] + penalty + lengths[i - 1] * rows
+                if cost < best[i]:
+                    best[i], cut[i] = cost, k
+        tops, i = [], len(lengths)
+        while i:
+            tops.append(lengths[i - 1])
+            i = cut[i]
+        buckets = RowBuckets(tuple(reversed(tops)), max_length, pad_token_id=0)
+        if buckets.segments <= room:
+            return buckets.lengths
+        room = buckets.segments
 
 
 class _PackedRowLoss(nn.Module):
@@ -99,7 +132,7 @@ class PackedStepGraphs:
         self._dtype = autocast_dtype
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, ...], Callable[..., torch.Tensor]] = {}
-        self._seen: Counter[tuple[int, ...]] = Counter()
+        self._warm = False  # one eager step has run
         self.capture_seconds = 0.0
         self.replays = 0
 
@@ -115,8 +148,8 @@ class PackedStepGraphs:
         shape = (*args[0].shape, args[3].numel(), int(batch["max_length"]))
         graphed = self._graphs.get(shape)
         if graphed is None:
-            self._seen[shape] += 1
-            if self._seen[shape] < 2:
+            if not self._warm:
+                self._warm = True
                 return module(**batch)[0]
             graphed = self._capture(shape, args, int(batch["max_length"]))
         self.replays += 1

@@ -21,6 +21,7 @@ trained-token count and therefore the gradient are the same; only the layout dif
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,24 +38,40 @@ from tuneloop.train.batching import collate
 class RowBuckets:
     """Row lengths a packed row is padded up to, so that a run sees a few shapes (CUDA graphs replay one per shape).
 
-    A row of ``T`` tokens becomes the next multiple of ``tokens`` that leaves room for ``segments`` padding
-    segments of 1 to ``max_length`` tokens each. Padding is split into segments, not left as one, so every
-    segment stays within the attention bound ``max_length`` and none is empty; a fixed number of them keeps
-    ``cu_seq_lens`` one length for every full batch. Padding tokens are ``pad_token_id`` with no label: they
-    attend only among themselves and add nothing to the loss or its gradient.
+    ``lengths``: the bucket lengths, ascending (:func:`tuneloop.train.fast.graphs.plan_buckets` picks them from
+    the run's rows). A row of ``T`` tokens becomes the shortest bucket that leaves room for ``segments``
+    padding segments of 1 to ``max_length`` tokens each; a row past the longest bucket is padded on in steps
+    of the widest gap between buckets. Padding is split into segments, not left as one, so every segment stays
+    within the attention bound ``max_length`` and none is empty; a fixed number of them keeps ``cu_seq_lens``
+    one length for every full batch. Padding tokens are ``pad_token_id`` with no label: they attend only among
+    themselves and add nothing to the loss or its gradient.
     """
 
-    tokens: int
+    lengths: tuple[int, ...]
     max_length: int
     pad_token_id: int
 
+    def __post_init__(self) -> None:
+        if not self.lengths or any(b <= a for a, b in zip((0, *self.lengths), self.lengths)):
+            raise ValueError(f"bucket lengths must be positive and ascending, got {self.lengths}")
+
+    @property
+    def widest_gap(self) -> int:
+        return max(b - a for a, b in zip((0, *self.lengths), self.lengths))
+
     @property
     def segments(self) -> int:
-        # any padding of segments..tokens+segments-1 tokens splits into this many parts of <= max_length
-        return max(1, math.ceil((self.tokens - 1) / max(self.max_length - 1, 1)))
+        # a row just past one bucket pads up to the next: at most widest_gap + segments - 1 tokens, which split
+        # into this many parts of <= max_length
+        return max(1, math.ceil((self.widest_gap - 1) / max(self.max_length - 1, 1)))
 
     def padded_length(self, tokens: int) -> int:
-        return math.ceil((tokens + self.segments) / self.tokens) * self.tokens
+        needed = tokens + self.segments
+        index = bisect.bisect_left(self.lengths, needed)
+        if index < len(self.lengths):
+            return self.lengths[index]
+        top, step = self.lengths[-1], self.widest_gap
+        return top + math.ceil((needed - top) / step) * step
 
     def padding_segments(self, tokens: int) -> list[int]:
         padding = self.padded_length(tokens) - tokens
