@@ -65,6 +65,16 @@ def _warm_model_cache(config: Path, overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def _import_seconds() -> float:
+    """Wall seconds of a fresh interpreter importing what ``tuneloop train`` imports (torch, transformers, PEFT and
+    whatever they pull in): the part of ``outside_run_s`` that is third-party start-up, not tuneloop's work."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import tuneloop.cli.main, tuneloop.train.sft"], env=env, check=True)
+    return time.perf_counter() - started
+
+
 def _outside_run(wall_s: float, startup: dict[str, float] | None, loop_s: float | None) -> float | None:
     """Seconds of the command spent neither in the run's set-up phases nor in its loop."""
     if not startup or loop_s is None:
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.warm_compile:  # a short untimed run fills torch.compile's on-disk caches, as a user's earlier run would
         warm_out = f"output_dir={out_dir.parent / (out_dir.name + '-compile-warmup')}"
         row["compile_warmup_s"] = round(_cli("train", args.config, [*args.set, "max_steps=3", warm_out], ["--overwrite"])[0], 1)
+    row["import_s"] = round(_import_seconds(), 1)
     train_s, _ = _cli("train", args.config, args.set, ["--overwrite"])
     record = json.loads((out_dir / "record.json").read_text())
     train = record["train"]

@@ -4,11 +4,15 @@
 # stacks, `.peers` (bench/pack_peers.sh). Installs .whl into /tmp/site (on PYTHONPATH for every process) and
 # unpacks the peers to /tmp/peers/{unsloth,liger}: NOT on PYTHONPATH here; the orchestrator puts a stack's
 # folder on the path of that stack's process only (Unsloth patches transformers on import).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# `source bench/gpu_setup.sh --without-bitsandbytes`: tuneloop's default install (no `gpu` extra), as workload (c)
+# is measured; with bitsandbytes installed PEFT imports it, and with it torch.compile's modules, at every start.
+wheels=$(ls .whl/*.whl)
+[ "${1:-}" = "--without-bitsandbytes" ] && wheels=$(ls .whl/*.whl | grep -v bitsandbytes)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
   || return 1 2>/dev/null || exit 1
 export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f .peers/peers.tar.xz ] && [ ! -d /tmp/peers/unsloth ]; then
   mkdir -p /tmp/peers && tar -C /tmp/peers -xJf .peers/peers.tar.xz
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 -c "import torch, transformers, peft, bitsandbytes; print('setup:', torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, transformers, peft; print('setup:', torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
