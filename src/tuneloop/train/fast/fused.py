@@ -33,14 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneloop.train.fast.linear_ce import linear_dtype
+
 PROBE_TOLERANCE = 1e-5  # fp32 relative error a replacement norm may show on the probe input
-
-
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype an ``nn.Linear`` would compute in: autocast's when it is on, else the promoted one."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return torch.promote_types(x.dtype, weight.dtype)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -56,7 +51,7 @@ class _LoraLinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(x, weight)
+        dtype = linear_dtype(x, weight)
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)

@@ -25,7 +25,7 @@ import torch
 from tuneloop.data.render import IGNORE_INDEX
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def linear_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matmul precision autocast would use for ``F.linear(hidden, weight)``, or the promoted dtype."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -60,7 +60,7 @@ def _chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The summed loss, chunk by chunk, and the gradients ``want`` asks for (hidden, weight, bias), taken in the
     same pass so no chunk's logits are computed twice. With nothing wanted it is the loss alone (validation)."""
-    dtype = _compute_dtype(hidden, weight)
+    dtype = linear_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
