@@ -9,7 +9,7 @@ inside the second matmul (``out.addmm_(u, B.T, alpha=scaling)``, the add and the
 epilogue) and the backward pass does the same for the input gradient, so an adapted linear is three matmuls
 forward and five backward, with no full-size elementwise pass. A HF RMSNorm is eight elementwise ops
 (upcast, square, mean, add, rsqrt, multiply, downcast, weight) and twelve more backward; ``F.rms_norm`` is one
-kernel each way on CUDA.
+fused op each way on CUDA.
 
 How, without patching PEFT or transformers: for the training loop only, :func:`fused_layers` puts an
 equivalent module in the place of each eligible layer, holding the *same* parameter objects under the *same*
