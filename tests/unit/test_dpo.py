@@ -63,6 +63,9 @@ def test_dpo_raises_held_out_reward_accuracy(tiny_config, tmp_path):
     assert {"reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "pairs"} <= set(steps[0])
     assert (config.output_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert record["kind"] == "dpo"
+    # auto is fused on the CPU for SFT; DPO's reference pass switches PEFT's layers off, so it keeps them
+    assert record["train"]["fast_path"]["kernels"] == "eager"
+    assert "DPO keeps PEFT's LoRA layers" in record["train"]["fast_path"]["reasons"]
 
 
 def test_reference_is_the_base_model_with_the_adapter_off(tiny_config, tiny_model_dir, tmp_path):
