@@ -68,8 +68,9 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
     wait until the GPU has finished everything queued before it, so the next batch could not be prepared
     while the current step runs.
     """
-    if torch.device(device).type != "cuda":
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return {
-        k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+    pinned = torch.device(device).type == "cuda"
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
+
+    return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

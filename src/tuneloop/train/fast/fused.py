@@ -164,17 +164,15 @@ def rms_norm_replacement(module: nn.Module) -> FusedRMSNorm | None:
     return fused if error <= tolerance else None
 
 
-def _replacements(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def _replacements(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """(parent, attribute, original, replacement) for every eligible layer of ``model``."""
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
             adapter = plain_lora_adapter(child)
-            if adapter is not None:
-                found.append((parent, name, FusedLoraLinear(child, adapter)))
-                continue
-            norm = rms_norm_replacement(child)
-            if norm is not None:
-                found.append((parent, name, norm))
+            new = FusedLoraLinear(child, adapter) if adapter is not None else rms_norm_replacement(child)
+            if new is not None:
+                found.append((parent, name, child, new))
     return found
 
 
@@ -186,15 +184,14 @@ def fused_layers(model: nn.Module, *, enabled: bool) -> Iterator[dict[str, int]]
     on leaving, also on an error, so what is saved afterwards is the PEFT model as built.
     """
     swaps = _replacements(model) if enabled else []
-    originals = [(parent, name, getattr(parent, name)) for parent, name, _ in swaps]
     counts = {
-        "lora_linears": sum(isinstance(new, FusedLoraLinear) for _, _, new in swaps),
-        "rms_norms": sum(isinstance(new, FusedRMSNorm) for _, _, new in swaps),
+        "lora_linears": sum(isinstance(new, FusedLoraLinear) for *_, new in swaps),
+        "rms_norms": sum(isinstance(new, FusedRMSNorm) for *_, new in swaps),
     }
     try:
-        for parent, name, new in swaps:
+        for parent, name, _, new in swaps:
             setattr(parent, name, new)
         yield counts
     finally:
-        for parent, name, old in originals:
+        for parent, name, old, _ in swaps:
             setattr(parent, name, old)
