@@ -179,7 +179,7 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
     from tuneloop.train.fast import apply_fast_path
     from tuneloop.train.fast.attention import packed_attention
     from tuneloop.train.fast.casting import adapter_inputs_in_autocast_dtype
-    from tuneloop.train.fast.fused import fused_layers
+    from tuneloop.train.fast.fused import fused_layers_for
     from tuneloop.train.fast.packing import pack
     from tuneloop.train.loss import TrainedTokenLoss
     from tuneloop.train.optim import build_optimizer
@@ -202,9 +202,9 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
     )  # fmt: skip
     # as train/sft.py: packed rows attend within each example (varlen flash attention on CUDA) while training,
     # LoRA inputs stay in the autocast dtype (PEFT's fp32 upcast is a round trip under autocast), and layers
-    # the kernel choice left uncompiled as `fused` run fused
+    # the kernel choice left uncompiled as `fused` run fused (compiled QLoRA layers: their 4-bit LoRA linears)
     contexts = ExitStack()
-    contexts.enter_context(fused_layers(model, enabled=report.kernels == "fused"))
+    contexts.enter_context(fused_layers_for(model, report.kernels))
     contexts.enter_context(packed_attention(model))
     contexts.enter_context(
         adapter_inputs_in_autocast_dtype(model, autocast_dtype=torch.bfloat16 if cuda else None, dora=method.use_dora)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tuneloop import train
-from tuneloop.adapters.loading import load_base_model
 from tuneloop.adapters import get_adapter_method
+from tuneloop.adapters.loading import load_base_model
 from tuneloop.models import resolve_model
 from tuneloop.train.checkpoint import latest_checkpoint
 
@@ -64,6 +64,21 @@ def test_qlora_with_bitsandbytes_optimizers_trains_and_resumes_exactly(tiny_conf
     assert latest_checkpoint(config.output_dir / "checkpoints").name == "step-3"
     resumed = train.run(config, resume=True)
     assert curve(resumed.output_dir) == pytest.approx(curve(reference.output_dir), abs=1e-3)
+
+
+@needs_bitsandbytes
+def test_qlora_layers_compile_with_fused_4bit_lora_linears_and_train_as_eager(tiny_config, tmp_path):
+    """``kernels: compile`` on QLoRA: the decoder layers compile (Inductor, CUDA) with their 4-bit LoRA linears as
+    one operator each, and the loss curve is eager QLoRA's within bf16 rounding."""
+    options = {"adapter": "qlora", "precision": "bf16", "lora_dropout": 0.0, "gradient_checkpointing": False}
+    eager = train.run(tiny_config(output_dir=str(tmp_path / "eager"), kernels="eager", **options))
+    compiled = train.run(tiny_config(output_dir=str(tmp_path / "compiled"), kernels="compile", **options))
+    record = json.loads((compiled.output_dir / "record.json").read_text())
+    assert record["train"]["fast_path"]["kernels"] == "compile", record["train"]["fast_path"]["reasons"]
+    assert record["fused_layers"]["lora_linears"] > 0 and record["fused_layers"]["rms_norms"] == 0
+    want, got = curve(eager.output_dir), curve(compiled.output_dir)
+    assert [v is None for v in got] == [v is None for v in want]
+    assert [v for v in got if v is not None] == pytest.approx([v for v in want if v is not None], rel=2e-2)
 
 
 def test_dora_and_full_train_on_gpu(tiny_config, tmp_path):

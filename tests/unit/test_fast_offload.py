@@ -173,4 +173,4 @@ def test_offloaded_inputs_count_as_host_memory(tiny_config, llama8b):
 def test_which_kernels_compile_layers(tiny_config):
     assert layers_compile(tiny_config(kernels="compile")) and layers_compile(tiny_config(kernels="auto"))
     assert not layers_compile(tiny_config(kernels="eager"))
-    assert not layers_compile(tiny_config(adapter="qlora", kernels="compile"))  # 4-bit layers stay eager
+    assert layers_compile(tiny_config(adapter="qlora", kernels="compile"))  # 4-bit layers compile, LoRA linears fused

@@ -90,7 +90,7 @@ def run(
         write_json_atomic(out / "data_report.json", report)
 
     # --- model: the policy is base + adapter; the reference is the same weights with the adapter off -------
-    model, fast_path = build_model(config, method, source, setup)
+    model, fast_path = build_model(config, method, source, setup, keep_peft_layers=True)
     if fast_path.kernels == "fused":  # the swap hides the PEFT layers that the reference pass switches off
         fast_path = replace(fast_path, kernels="eager", reasons=(*fast_path.reasons, "DPO keeps PEFT's LoRA layers"))
     pad = tokenizer.pad_token_id

@@ -363,10 +363,10 @@ def memory_model(
 
 
 def layers_compile(config: RunConfig) -> bool:
-    """Whether ``kernels`` compiles the decoder layers on a GPU: ``compile``, or ``auto`` without ``cuda_graphs``;
-    4-bit layers (QLoRA) stay eager either way (:mod:`tuneloop.train.fast.compile`)."""
-    wanted = config.kernels == "compile" or (config.kernels == "auto" and not config.cuda_graphs)
-    return wanted and get_adapter_method(config.adapter).quantization is None
+    """Whether ``kernels`` compiles the decoder layers on a GPU: ``compile``, or ``auto`` without ``cuda_graphs``.
+    4-bit layers (QLoRA) compile too, with fused LoRA linears (:mod:`tuneloop.train.fast.compile`); where they
+    cannot (DPO, a 4-bit linear without a plain adapter), the fast path plans again with eager sizes."""
+    return config.kernels == "compile" or (config.kernels == "auto" and not config.cuda_graphs)
 
 
 def run(config: RunConfig, *, trained_fraction: float = 1.0) -> EstimateResult:

@@ -105,13 +105,13 @@ def start(
 
 
 def build_model(
-    config: RunConfig, method: AdapterMethod, source: ModelSource, setup: DeviceSetup
+    config: RunConfig, method: AdapterMethod, source: ModelSource, setup: DeviceSetup, *, keep_peft_layers: bool = False
 ) -> tuple[Any, FastPathReport]:
     """Base weights (quantized when the method says so), the method's wrapping, then the fast path.
 
     The fast path (:func:`tuneloop.train.fast.apply_fast_path`) sets which decoder layers are checkpointed
     (``gradient_checkpointing``: all, none, or as many as ``memory_budget_gib`` needs) and compiles the
-    layers (``kernels``); its report says what it did. ``gradient_checkpointing: true`` is also switched on
+    layers (``kernels``); its report says what it did. ``keep_peft_layers``: see ``apply_fast_path``. ``gradient_checkpointing: true`` is also switched on
     before the wrapping, as it always was, so PEFT prepares the model for it the same way.
     """
     weights_dtype = torch.float32 if method.master_weights_fp32 else setup.dtype
@@ -125,6 +125,7 @@ def build_model(
         device=setup.device,
         tokens_per_micro_batch=micro_batch_tokens(config),
         autocast_dtype=MixedPrecision(setup.device.type, setup.dtype).autocast_dtype,
+        keep_peft_layers=keep_peft_layers,
     )
     return model, report
 

@@ -26,7 +26,7 @@ from tuneloop.registry import write_json_atomic
 from tuneloop.train.batching import epoch_batches, to_device, trained_tokens
 from tuneloop.train.fast.attention import packed_attention
 from tuneloop.train.fast.casting import adapter_inputs_in_autocast_dtype
-from tuneloop.train.fast.fused import fused_layers
+from tuneloop.train.fast.fused import fused_layers_for
 from tuneloop.train.fast.graphs import PackedStepGraphs, plan_buckets, plan_step_graphs
 from tuneloop.train.fast.packing import RowBuckets, batch_collator
 from tuneloop.train.loop import Loop, LoopData, Objective, run_loop
@@ -114,7 +114,7 @@ def run(
     stream = ([e.input_ids, e.labels] for e in train_set)
     attention = packed_attention(model) if config.packing else nullcontext()
     casting = adapter_inputs_in_autocast_dtype(model, autocast_dtype=precision.autocast_dtype, dora=method.use_dora)
-    fused = fused_layers(model, enabled=fast_path.kernels == "fused")
+    fused = fused_layers_for(model, fast_path.kernels)
     track = tracked(config, out, observer, accelerator, resume, fast_path)
     with fused as fused_counts, track as tracked_observer, attention, casting:
         loop = Loop(

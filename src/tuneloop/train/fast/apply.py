@@ -80,6 +80,7 @@ def apply_fast_path(
     budget: float | None = None,
     compile_backend: str | Callable[..., Any] = "inductor",
     autocast_dtype: torch.dtype | None = None,
+    keep_peft_layers: bool = False,
 ) -> FastPathReport:
     """Set per-layer checkpointing and compile the decoder layers of ``model`` (adapter-wrapped) in place.
 
@@ -87,6 +88,8 @@ def apply_fast_path(
     count), for the memory plan. ``budget``: bytes the run may use (default ``memory_budget_gib``, else the
     GPU memory free at start less 5%). ``compile_backend``: ``torch.compile``'s backend (tests pass a cheap
     one). ``autocast_dtype``: the training step's autocast dtype, so the compile probe traces what training runs.
+    ``keep_peft_layers``: the recipe needs PEFT's own LoRA layers in the loop (DPO switches them off for its
+    reference pass), so 4-bit layers are not compiled with fused LoRA linears.
     """
     device = torch.device(device)
     layers = decoder_layers(model)
@@ -95,7 +98,7 @@ def apply_fast_path(
     plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget, compiled=expect_compiled)
     options = CompileOptions(
         backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len,
-        packing=config.packing, cuda_graphs=config.cuda_graphs,
+        packing=config.packing, cuda_graphs=config.cuda_graphs, fuse_four_bit=not keep_peft_layers,
     )  # fmt: skip
     outcome = apply_plan(model, config, layers, plan, device, options, expect_compiled=expect_compiled)
     if expect_compiled and outcome.kernels != "compile" and config.gradient_checkpointing == "auto":

@@ -22,10 +22,12 @@ each kind separately and runs it forward and backward on the inputs a short synt
 warning says why. Training then compiles nothing new: no KV cache is built (one graph per layer otherwise),
 and a packed row's ``max_length`` is the run's ``max_seq_len``, not a per-batch value.
 
-Not compiled, by decision:
-
-* **bitsandbytes 4-bit layers (QLoRA)**: their quantized weights are a tensor subclass with custom kernels
-  whose support under ``torch.compile`` varies by bitsandbytes version; a QLoRA run stays eager.
+4-bit layers (QLoRA) compile with their LoRA linears swapped for :class:`~tuneloop.train.fast.fused.FusedLoraLinear`
+(the probe and the training loop both make the swap, :func:`~tuneloop.train.fast.fused.fused_layers_for`): its
+autograd function rebuilds the dense weight through bitsandbytes' registered ops, which ``torch.compile`` traces
+as opaque calls, so no bitsandbytes module forward (a tensor subclass with custom kernels, whose support under
+compile varies by version) is traced. A layer with any other bitsandbytes module (a 4-bit linear without a
+plain adapter), or a run that keeps PEFT's layers (DPO: its reference pass switches them off), stays eager.
 
 Layers whose checkpointed inputs are **offloaded** to host memory are not ``Module.compile()``-d: their
 checkpoint function runs the layer's code through a compiled trampoline of its own, outside the
@@ -43,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneloop.train.fast.fused import fused_layers_for, unfused_four_bit_layers
+
 
 @dataclass(frozen=True)
 class CompileOptions:
@@ -56,6 +60,7 @@ class CompileOptions:
     max_seq_len: int | None = None  # the longest training sequence (CPU attention choice, packing bound)
     packing: bool = False  # batches are packed rows: the probe traces that layout, so training adds no graph
     cuda_graphs: bool = False  # the step is replayed as CUDA graphs (train/fast/graphs.py): auto keeps layers uncompiled
+    fuse_four_bit: bool = True  # 4-bit LoRA linears swapped for fused ones, so QLoRA layers compile (False: DPO)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,12 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
     if not layers:
         return KernelOutcome("eager", 0, "no decoder layers found to compile")
     if any(_is_quantized(layer) for layer in layers):
-        return KernelOutcome("eager", 0, "4-bit (bitsandbytes) layers are kept eager")
+        if not options.fuse_four_bit:
+            return KernelOutcome("eager", 0, "4-bit (bitsandbytes) layers are kept eager: this recipe keeps PEFT's layers")
+        left = sum(unfused_four_bit_layers(layer) for layer in layers)
+        if left:
+            reason = f"{left} bitsandbytes modules without a plain LoRA adapter; 4-bit layers are kept eager"
+            return KernelOutcome("eager", 0, reason)
     if options.probe:
         try:
             _probe(model, layers, device, options)
@@ -185,6 +195,7 @@ def _probe(model: Any, layers: list[nn.Module], device: torch.device, options: C
         with torch.random.fork_rng(devices=devices), ExitStack() as stack:
             model.train()
             stack.enter_context(_layout(model, options))
+            stack.enter_context(fused_layers_for(model, "compile"))  # as training will run: 4-bit LoRA linears fused
             inputs = _capture_layer_inputs(model, layers, device, options)
             first_of_kind: dict[tuple[bool, bool], int] = {}
             for index, layer in enumerate(layers):

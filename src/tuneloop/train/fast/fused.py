@@ -15,9 +15,13 @@ How, without patching PEFT or transformers: for the training loop only, :func:`f
 equivalent module in the place of each eligible layer, holding the *same* parameter objects under the *same*
 names (``base_layer``, ``lora_A``, ``lora_B``; ``weight``), so the optimizer, gradient clipping and
 checkpoints see nothing change; the original modules are put back when the loop ends, before the adapter is
-saved. A layer that is not plain LoRA (DoRA, dropout, a LoRA bias, a quantized or trained base, several
-adapters) keeps PEFT's forward; a norm is replaced only if the fused op reproduces it on a probe input (a
+saved. A layer that is not plain LoRA (DoRA, dropout, a LoRA bias, a trained base, several adapters) keeps
+PEFT's forward; a norm is replaced only if the fused op reproduces it on a probe input (a
 Gemma-style ``1 + weight`` norm does not, and stays).
+
+Over a bitsandbytes 4-bit base (QLoRA) the same arithmetic runs as one registered operator
+(:mod:`tuneloop.train.fast.four_bit`) that rebuilds the dense weight for each matmul; it is what lets QLoRA
+decoder layers compile (``fused_layers_for(model, "compile")`` swaps only those linears, Inductor fuses the rest).
 
 Numerics: the same bf16 operands and fp32 accumulation as PEFT's path, with one rounding fewer (the adapter
 term is added before the output is rounded, not after); fp32 runs match PEFT to float rounding (unit test).
@@ -26,16 +30,63 @@ term is added before the output is rounded, not after); fp32 runs match PEFT to 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneloop.train.fast.four_bit import four_bit_parts, lora_4bit_linear
 from tuneloop.train.fast.linear_ce import linear_dtype
 
 PROBE_TOLERANCE = 1e-5  # fp32 relative error a replacement norm may show on the probe input
+
+
+def _lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output and what the backward pass needs: the input rows, the adapter weights and ``u = rows @ A.T``,
+    all in the matmul dtype (the base weight is not kept here: a caller saves or rebuilds it)."""
+    dtype = linear_dtype(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        out = F.linear(rows, w, bias.to(dtype) if bias is not None else None)
+        u = rows @ a.t()
+        out.addmm_(u, b.t(), alpha=scaling)
+    return out.view(*x.shape[:-1], out.shape[-1]), rows, a, b, u
+
+
+def _lora_backward(
+    ctx: Any,
+    grad_out: torch.Tensor,
+    rows: torch.Tensor,
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for the input, ``A`` and ``B`` (those ``needs`` asks for), the adds in cuBLAS's epilogue."""
+    s = ctx.scaling
+    x_dtype, a_dtype, b_dtype = ctx.dtypes
+    with torch.autocast(grad_out.device.type, enabled=False):
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(rows.dtype)
+        gu = g @ b  # [rows, r]: the gradient reaching the adapter's inner product, before scaling
+        grad_x = None
+        if needs[0]:
+            w = w.to(rows.dtype)
+            grad_x = (g @ w).addmm_(gu, a, alpha=s).view(*grad_out.shape[:-1], w.shape[1]).to(x_dtype)
+        # beta=0: the first argument only gives the shape; cuBLAS neither reads it nor propagates NaNs from it
+        grad_a = torch.addmm(a, gu.t(), rows, beta=0, alpha=s).to(a_dtype) if needs[1] else None
+        grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=s).to(b_dtype) if needs[2] else None
+    return grad_x, grad_a, grad_b
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -51,41 +102,28 @@ class _LoraLinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        dtype = linear_dtype(x, weight)
-        with torch.autocast(x.device.type, enabled=False):
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
-            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-            out = F.linear(rows, w, bias.to(dtype) if bias is not None else None)
-            u = rows @ a.t()
-            out.addmm_(u, b.t(), alpha=scaling)
-        ctx.save_for_backward(rows, w, a, b, u)
+        out, rows, a, b, u = _lora_forward(x, weight, bias, lora_a, lora_b, scaling)
+        ctx.save_for_backward(rows, weight, a, b, u)
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         rows, w, a, b, u = ctx.saved_tensors
-        s = ctx.scaling
-        x_dtype, a_dtype, b_dtype = ctx.dtypes
-        with torch.autocast(grad_out.device.type, enabled=False):
-            g = grad_out.reshape(-1, grad_out.shape[-1]).to(rows.dtype)
-            gu = g @ b  # [rows, r]: the gradient reaching the adapter's inner product, before scaling
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).addmm_(gu, a, alpha=s).view(*grad_out.shape[:-1], w.shape[1]).to(x_dtype)
-            # beta=0: the first argument only gives the shape; cuBLAS neither reads it nor propagates NaNs from it
-            grad_a = (
-                torch.addmm(a, gu.t(), rows, beta=0, alpha=s).to(a_dtype) if ctx.needs_input_grad[3] else None
-            )
-            grad_b = (
-                torch.addmm(b, g.t(), u, beta=0, alpha=s).to(b_dtype) if ctx.needs_input_grad[4] else None
-            )
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _lora_backward(
+            ctx, grad_out, rows, w, a, b, u, (needs[0], needs[3], needs[4])
+        )
         return grad_x, None, None, grad_a, grad_b, None
 
 
+FOUR_BIT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "nested_code", "absmax_offset")
+
+
 class FusedLoraLinear(nn.Module):
-    """A PEFT LoRA ``Linear``'s forward as :class:`_LoraLinear`, over the layer's own modules and names."""
+    """A PEFT LoRA linear's forward as :class:`_LoraLinear` (over a bitsandbytes 4-bit base: the same arithmetic
+    as one operator, :mod:`tuneloop.train.fast.four_bit`), over the layer's own modules and names."""
 
     def __init__(self, layer: nn.Module, adapter: str) -> None:
         super().__init__()
@@ -94,17 +132,22 @@ class FusedLoraLinear(nn.Module):
         self.lora_B = layer.lora_B
         self.adapter = adapter
         self.scaling = float(layer.scaling[adapter])
+        self.layout = None
+        if _is_4bit_linear(self.base_layer):
+            # taken once (the loop moves no weights), as non-persistent buffers: nothing is added to the state
+            # dict, and torch.compile treats buffer shapes as static (as a plain attribute, an absmax length
+            # that happened to equal a sequence length was assumed equal to it, and recompiled)
+            tensors, self.layout = four_bit_parts(self.base_layer)
+            for name, tensor in zip(FOUR_BIT_BUFFERS, tensors, strict=True):
+                self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        return _LoraLinear.apply(
-            x,
-            base.weight,
-            base.bias,
-            self.lora_A[self.adapter].weight,
-            self.lora_B[self.adapter].weight,
-            self.scaling,
-        )
+        a, b = self.lora_A[self.adapter].weight, self.lora_B[self.adapter].weight
+        if self.layout is not None:
+            quantized = tuple(getattr(self, name) for name in FOUR_BIT_BUFFERS)
+            return lora_4bit_linear(x, quantized, self.layout, base.bias, a, b, self.scaling)
+        return _LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling)
 
 
 class FusedRMSNorm(nn.Module):
@@ -120,11 +163,20 @@ class FusedRMSNorm(nn.Module):
             return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
-def plain_lora_adapter(module: nn.Module) -> str | None:
-    """The adapter name if ``module`` is a PEFT LoRA ``Linear`` that :class:`FusedLoraLinear` computes exactly."""
+def plain_lora_adapter(module: nn.Module, *, four_bit_only: bool = False) -> str | None:
+    """The adapter name if ``module`` is a PEFT LoRA linear that :class:`FusedLoraLinear` computes exactly:
+    PEFT's ``Linear`` over a frozen ``nn.Linear``, or a PEFT LoRA linear over a bitsandbytes 4-bit base
+    (only those with ``four_bit_only``)."""
     from peft.tuners.lora.layer import Linear
 
-    if type(module) is not Linear or module.merged or module.disable_adapters or module.fan_in_fan_out:
+    if not (type(module) is Linear or _is_peft_4bit_lora(module)):
+        return None
+    four_bit = _is_4bit_linear(
+        module.base_layer
+    )  # PEFT wraps it in either class (its bitsandbytes one needs CUDA)
+    if four_bit_only and not four_bit:
+        return None
+    if module.merged or module.disable_adapters or getattr(module, "fan_in_fan_out", False):
         return None
     active = [name for name in module.active_adapters if name in module.lora_A]
     if len(active) != 1 or active != list(module.active_adapters):
@@ -135,10 +187,22 @@ def plain_lora_adapter(module: nn.Module) -> str | None:
         name not in module.lora_variant  # DoRA and other variants have their own arithmetic
         and isinstance(module.lora_dropout[name], nn.Identity)
         and module.lora_B[name].bias is None
-        and type(base) is nn.Linear
+        and (_is_4bit_linear(base) if four_bit else type(base) is nn.Linear)
         and not base.weight.requires_grad
     )
     return name if plain else None
+
+
+def _is_4bit_linear(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` whose weight is quantized (checked by name: bitsandbytes is optional)."""
+    kind = type(module)
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return kind.__module__.startswith("bitsandbytes.") and kind.__name__ == "Linear4bit" and state is not None
+
+
+def _is_peft_4bit_lora(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__module__ == "peft.tuners.lora.bnb" and kind.__name__ == "Linear4bit"
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -164,26 +228,31 @@ def rms_norm_replacement(module: nn.Module) -> FusedRMSNorm | None:
     return fused if error <= tolerance else None
 
 
-def _replacements(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
-    """(parent, attribute, original, replacement) for every eligible layer of ``model``."""
+def _replacements(
+    model: nn.Module, *, four_bit_only: bool = False
+) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """(parent, attribute, original, replacement) for every eligible layer of ``model``; with
+    ``four_bit_only`` the LoRA linears over 4-bit bases only."""
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            adapter = plain_lora_adapter(child)
-            new = FusedLoraLinear(child, adapter) if adapter is not None else rms_norm_replacement(child)
-            if new is not None:
-                found.append((parent, name, child, new))
+            adapter = plain_lora_adapter(child, four_bit_only=four_bit_only)
+            if adapter is not None:
+                found.append((parent, name, child, FusedLoraLinear(child, adapter)))
+            elif not four_bit_only and (norm := rms_norm_replacement(child)) is not None:
+                found.append((parent, name, child, norm))
     return found
 
 
 @contextmanager
-def fused_layers(model: nn.Module, *, enabled: bool) -> Iterator[dict[str, int]]:
-    """For the ``with`` block, eligible LoRA linears and RMSNorms of ``model`` run fused (module docstring).
+def fused_layers(model: nn.Module, *, enabled: bool, four_bit_only: bool = False) -> Iterator[dict[str, int]]:
+    """For the ``with`` block, eligible LoRA linears and RMSNorms of ``model`` run fused (module docstring);
+    with ``four_bit_only``, only the LoRA linears over bitsandbytes 4-bit bases (what compiled QLoRA layers need).
 
     Yields the counts replaced (``lora_linears``, ``rms_norms``) for the run record. Everything is put back
     on leaving, also on an error, so what is saved afterwards is the PEFT model as built.
     """
-    swaps = _replacements(model) if enabled else []
+    swaps = _replacements(model, four_bit_only=four_bit_only) if enabled else []
     counts = {
         "lora_linears": sum(isinstance(new, FusedLoraLinear) for *_, new in swaps),
         "rms_norms": sum(isinstance(new, FusedRMSNorm) for *_, new in swaps),
@@ -195,3 +264,20 @@ def fused_layers(model: nn.Module, *, enabled: bool) -> Iterator[dict[str, int]]
     finally:
         for parent, name, old, _ in swaps:
             setattr(parent, name, old)
+
+
+def fused_layers_for(model: nn.Module, kernels: str) -> AbstractContextManager[dict[str, int]]:
+    """The swap a training loop makes for the kernel choice in use: every eligible layer under ``fused``;
+    under ``compile`` the LoRA linears over 4-bit bases, which is what lets a QLoRA layer compile (their
+    bitsandbytes forward is not traced; Inductor fuses the rest); none under ``eager``."""
+    return fused_layers(model, enabled=kernels in ("fused", "compile"), four_bit_only=kernels == "compile")
+
+
+def unfused_four_bit_layers(layer: nn.Module) -> int:
+    """How many bitsandbytes modules of ``layer`` a ``four_bit_only`` swap would leave in place (a 4-bit
+    linear without an adapter, or with dropout, DoRA...): compiled layers need none (``fast/compile.py``)."""
+    swapped = {id(old) for _, _, old, _ in _replacements(layer, four_bit_only=True)}
+    covered = {id(m) for old in layer.modules() if id(old) in swapped for m in old.modules()}
+    return sum(
+        type(m).__module__.split(".")[0] == "bitsandbytes" and id(m) not in covered for m in layer.modules()
+    )

@@ -1,0 +1,181 @@
+"""QLoRA layers with fused LoRA linears over bitsandbytes 4-bit bases: same numbers as PEFT's, no dense weight
+kept for the backward pass, and decoder layers that compile whole (what lets a QLoRA run take ``kernels: compile``).
+
+bitsandbytes is an optional, GPU-side dependency; its 4-bit ops also run on the CPU, where these tests use them
+(skipped where it is not installed). The tiny Llama's decoder linears are quantized in place to NF4 with double
+quantisation, as a QLoRA load makes them; ``aot_eager`` runs dynamo and AOTAutograd, the parts that break on
+untraceable code, without Inductor's C++ compile.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+
+from tests.unit.test_fast_compile import batches, counting_backend
+from tuneloop.config import validate_config
+from tuneloop.train.fast import apply_fast_path
+from tuneloop.train.fast.compile import CompileOptions, compile_layers
+from tuneloop.train.fast.fused import fused_layers, fused_layers_for, unfused_four_bit_layers
+from tuneloop.train.fast.memory import decoder_layers
+from tuneloop.train.loss import TrainedTokenLoss
+
+bnb = pytest.importorskip("bitsandbytes")
+
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("fresh_dynamo")]
+
+CPU = torch.device("cpu")
+
+
+def four_bit(linear: nn.Linear) -> nn.Module:
+    """``linear`` as an NF4 ``Linear4bit`` with double quantisation and bf16 compute (a QLoRA load's settings)."""
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=torch.bfloat16,
+        compress_statistics=True, quant_type="nf4",
+    )  # fmt: skip
+    weight = linear.weight.detach().to(torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )._quantize("cpu")
+    return layer
+
+
+def qlora_model(folder, **lora):
+    """The tiny Llama with 4-bit decoder linears and a LoRA adapter on them (random, non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for layer in base.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, four_bit(child))
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **lora}
+    return get_peft_model(base, LoraConfig(**settings))
+
+
+def step(model, batch, *, autocast: bool = True):
+    model.train()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, count = TrainedTokenLoss(model)(**batch)
+    (loss / count).backward()
+    return (loss / count).detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def dense_reference(model):
+    """The same model with each 4-bit base replaced by an fp32 ``nn.Linear`` holding its dequantized weight."""
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, bnb.nn.Linear4bit):
+            dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+            dense.weight = nn.Parameter(weight.float(), requires_grad=False)
+            module.base_layer = dense
+    return reference
+
+
+@contextmanager
+def saved_tensors() -> Iterator[list[tuple[tuple[int, ...], torch.dtype]]]:
+    """The shape and dtype of every tensor autograd saves for the backward pass inside the block."""
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def keep(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        yield saved
+
+
+def dense_weights(saved, model) -> list[tuple[int, ...]]:
+    """Saved floating-point tensors shaped like one of the model's 4-bit weights (the test batches have no
+    dimension of the tiny model's widths, so an activation cannot match)."""
+    shapes = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return [shape for shape, dtype in saved if dtype.is_floating_point and shape in shapes]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def test_fused_4bit_lora_is_as_close_to_fp32_as_peft_and_keeps_no_dense_weight(
+    tiny_model_dir, tiny_tokenizer
+):
+    model = qlora_model(tiny_model_dir)
+    batch = batches(tiny_tokenizer, sizes=(3,))[0]
+    want_loss, want_grads = step(dense_reference(model), batch, autocast=False)
+    peft_loss, peft_grads = step(model, batch)
+    with fused_layers(model, enabled=True, four_bit_only=True) as counts, saved_tensors() as saved:
+        fused_loss, fused_grads = step(model, batch)
+    assert counts == {"lora_linears": 7 * model.config.num_hidden_layers, "rms_norms": 0}
+    assert fused_grads.keys() == peft_grads.keys() == want_grads.keys() and fused_grads
+    # as close to the fp32 computation as PEFT's own path over bitsandbytes (both bf16 matmuls)
+    assert abs(fused_loss - want_loss) <= 2 * abs(peft_loss - want_loss) + 1e-3
+    fused_error = max(relative_error(fused_grads[n], want_grads[n]) for n in want_grads)
+    peft_error = max(relative_error(peft_grads[n], want_grads[n]) for n in want_grads)
+    assert fused_error <= 1.5 * peft_error + 1e-3, (fused_error, peft_error)
+    assert peft_error < 0.5  # bf16 through a random tiny model: a sanity bound, not a precision claim
+    # the backward pass rebuilds each weight from its 4-bit bytes: no dense [out, in] copy is saved for it
+    assert not dense_weights(saved, model)
+    assert any(dtype == torch.uint8 for _, dtype in saved)  # what is saved is the packed weight
+
+
+def test_qlora_decoder_layers_compile_whole_and_train_as_eager(tiny_model_dir, tiny_tokenizer):
+    config = validate_config(
+        {"base_model": "x", "train_file": "t.csv", "kernels": "compile", "adapter": "qlora"}
+    )
+    eager_model = qlora_model(tiny_model_dir)
+    model = copy.deepcopy(eager_model)
+    graphs: list[int] = []
+    report = apply_fast_path(
+        model, config, device=CPU, tokens_per_micro_batch=64, compile_backend=counting_backend(graphs),
+        autocast_dtype=torch.bfloat16,
+    )  # fmt: skip
+    assert report.kernels == "compile", report.reasons
+    probe_graphs = len(graphs)
+    reference = dense_reference(eager_model)
+    for batch in batches(tiny_tokenizer):
+        _, want_grads = step(reference, batch, autocast=False)
+        peft_loss, peft_grads = step(eager_model, batch)
+        with fused_layers_for(model, report.kernels) as counts, saved_tensors() as saved:
+            loss, grads = step(model, batch)
+        assert counts["lora_linears"] == 7 * model.config.num_hidden_layers
+        # compiled too, no dense weight is kept between the passes (as an autograd.Function inside a compiled
+        # layer, AOTAutograd merged the two dequantize calls and saved every weight in bf16)
+        assert not dense_weights(saved, model)
+        assert float(loss) == pytest.approx(float(peft_loss), rel=1e-2)
+        # bf16 either way: the compiled layers are no further from the fp32 computation than PEFT's eager ones
+        error = max(relative_error(grads[n], want_grads[n]) for n in want_grads)
+        assert error <= 1.5 * max(relative_error(peft_grads[n], want_grads[n]) for n in want_grads) + 1e-3
+    # the probe traced what training ran (the same swap): training compiled nothing new
+    assert len(graphs) == probe_graphs and probe_graphs > 0
+
+
+def test_4bit_layers_stay_eager_when_a_4bit_linear_has_no_plain_adapter_or_peft_layers_are_kept(
+    tiny_model_dir,
+):
+    options = CompileOptions(backend="aot_eager", probe=False)
+    partial = qlora_model(tiny_model_dir, target_modules=["q_proj", "v_proj"])
+    layers = decoder_layers(partial)
+    assert sum(unfused_four_bit_layers(layer) for layer in layers) == 5 * len(layers)  # k, o, gate, up, down
+    outcome = compile_layers(partial, layers, CPU, options)
+    assert outcome.kernels == "eager" and "without a plain LoRA adapter" in outcome.reason
+
+    full = qlora_model(tiny_model_dir)
+    layers = decoder_layers(full)
+    assert sum(unfused_four_bit_layers(layer) for layer in layers) == 0
+    kept = compile_layers(
+        full, layers, CPU, CompileOptions(backend="aot_eager", probe=False, fuse_four_bit=False)
+    )
+    assert kept.kernels == "eager" and "keeps PEFT's layers" in kept.reason
