@@ -1,29 +1,29 @@
-"""A LoRA linear over a bitsandbytes 4-bit base as one opaque operator, forward and backward (QLoRA fast path).
+"""A LoRA linear over a bitsandbytes 4-bit base, forward and backward (QLoRA fast path).
 
 The arithmetic is :mod:`tuneloop.train.fast.fused`'s (three matmuls forward, the adapter's product added in
 cuBLAS's epilogue; the same backward), over a dense weight rebuilt from its 4-bit bytes through bitsandbytes'
-own registered ops: in the forward pass, and again in the backward pass. No dense weight outlives one matmul,
-which is what keeps QLoRA's memory at 4 bits a weight (bitsandbytes' ``matmul_4bit`` does the same).
+own registered ops (which ``torch.compile`` traces through their fake kernels): in the forward pass, and again
+in the backward pass. No dense weight outlives one matmul, which is what keeps QLoRA's memory at 4 bits a
+weight (bitsandbytes' ``matmul_4bit`` does the same).
 
-Why a registered operator (``torch.library.custom_op``) and not an ``autograd.Function``: inside a compiled
-decoder layer AOTAutograd traces a Function's forward and backward into one graph, where the two identical
-dequantize calls are merged and the dense weight is then *saved* between the passes: every compiled QLoRA
-layer kept its weights in bf16 (CPU test with ``aot_eager`` and Inductor). An operator is opaque to that
-graph: what it saves is what :func:`_save` says, the packed bytes.
+Why the backward pass is one registered operator (``torch.library.custom_op``): inside a compiled decoder
+layer AOTAutograd traces an ``autograd.Function``'s forward and backward into one graph, where two identical
+rebuilds of the weight are merged and the dense weight is then *saved* between the passes: every compiled
+QLoRA layer kept its weights in bf16 (CPU test with ``aot_eager`` and Inductor). Inside the operator the
+second rebuild is out of the graph's sight, so the backward references only the packed bytes.
 
-Shapes, dtypes and the layout travel as operator arguments; the ``fake`` functions give ``torch.compile``
-the output shapes without running anything.
+Why the forward pass is not an operator too (it was, first): an operator call costs Python on every call
+(its wrapper, then our code issuing a dozen torch calls), and at 224 linears of an 8B model, three passes a
+step, the host became the limit (bench/README.md, QLoRA). Traced ops run from Inductor's generated code.
 """
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-Layout = tuple[
-    int, str, tuple[int, ...], torch.dtype, int
-]  # blocksize, quant type, shape, dtype, nested blocksize
+# blocksize, quant type, shape, dtype, nested blocksize
+Layout = tuple[int, str, tuple[int, ...], torch.dtype, int]
 
 
 def dequantize_4bit(
@@ -66,46 +66,6 @@ def four_bit_parts(base: torch.nn.Module) -> tuple[tuple[torch.Tensor | None, ..
         nested.blocksize if nested else 0,
     )
     return tensors, layout
-
-
-@torch.library.custom_op("tuneloop::lora_4bit_linear", mutates_args=())
-def _forward(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    quant_type: str,
-    shape: list[int],
-    weight_dtype: torch.dtype,
-    nested_blocksize: int,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x @ W.T + bias + scaling * u @ B.T, u)`` with ``u = x @ A.T``, in ``dtype``."""
-    layout = (blocksize, quant_type, tuple(shape), weight_dtype, nested_blocksize)
-    weight = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, layout)
-    with torch.autocast(x.device.type, enabled=False):
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        out = F.linear(rows, weight.to(dtype), bias.to(dtype) if bias is not None else None)
-        u = rows @ lora_a.to(dtype).t()
-        out.addmm_(u, lora_b.to(dtype).t(), alpha=scaling)
-    return (
-        out,
-        u,
-    )  # [rows, out_features]: the caller gives it x's leading shape (an operator returns no views)
-
-
-@_forward.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, weight_dtype,
-      nested_blocksize, bias, lora_a, lora_b, scaling, dtype):  # fmt: skip
-    rows = math.prod(x.shape[:-1])
-    return x.new_empty((rows, shape[0]), dtype=dtype), x.new_empty((rows, lora_a.shape[0]), dtype=dtype)
 
 
 @torch.library.custom_op("tuneloop::lora_4bit_linear_backward", mutates_args=())
@@ -153,28 +113,44 @@ def _(grad_out, x, u, packed, absmax, nested_absmax, nested_code, offset, blocks
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-_QUANTIZED = slice(1, 6)  # packed, absmax, nested absmax, nested code, offset
-_LAYOUT = slice(6, 11)
+class _Lora4bitLinear(torch.autograd.Function):
+    """Forward: the weight rebuilt, then the fused LoRA matmuls, traced into a compiled layer's graph like any ops
+    (Inductor calls them from its generated code: no per-call Python). Backward: one opaque operator, which
+    rebuilds the weight again out of the graph's sight; the forward's weight is not referenced by the backward,
+    so it is never saved."""
 
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        quantized: tuple[torch.Tensor | None, ...],
+        layout: Layout,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        weight = dequantize_4bit(*quantized, layout)
+        with torch.autocast(x.device.type, enabled=False):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            out = F.linear(rows, weight.to(dtype), bias.to(dtype) if bias is not None else None)
+            u = rows @ lora_a.to(dtype).t()
+            out.addmm_(u, lora_b.to(dtype).t(), alpha=scaling)
+        ctx.save_for_backward(x, u, *quantized, lora_a, lora_b)
+        ctx.layout, ctx.scaling, ctx.dtype = layout, scaling, dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
 
-def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """What the backward pass keeps: the input, ``u``, the packed weight and the adapter; never a dense weight."""
-    x, lora_a, lora_b = inputs[0], inputs[12], inputs[13]
-    ctx.save_for_backward(x, output[1], *inputs[_QUANTIZED], lora_a, lora_b)
-    ctx.layout = inputs[_LAYOUT]
-    ctx.scaling, ctx.dtype = inputs[14], inputs[15]
-
-
-def _backward(ctx: Any, grad_out: torch.Tensor, grad_u: torch.Tensor | None) -> tuple[Any, ...]:
-    x, u, *quantized, lora_a, lora_b = ctx.saved_tensors
-    needs_x = ctx.needs_input_grad[0]
-    grad_x, grad_a, grad_b = _backward_op(
-        grad_out, x, u, *quantized, *ctx.layout, lora_a, lora_b, ctx.scaling, ctx.dtype, needs_x
-    )
-    return (grad_x if needs_x else None, *(None,) * 11, grad_a, grad_b, None, None)
-
-
-_forward.register_autograd(_backward, setup_context=_save)
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        x, u, *quantized, lora_a, lora_b = ctx.saved_tensors
+        needs_x = ctx.needs_input_grad[0]
+        blocksize, quant_type, shape, weight_dtype, nested_blocksize = ctx.layout
+        grad_x, grad_a, grad_b = _backward_op(
+            grad_out, x, u, *quantized, blocksize, quant_type, list(shape), weight_dtype, nested_blocksize,
+            lora_a, lora_b, ctx.scaling, ctx.dtype, needs_x,
+        )  # fmt: skip
+        return grad_x if needs_x else None, None, None, None, grad_a, grad_b, None, None
 
 
 def lora_4bit_linear(
@@ -193,9 +169,4 @@ def lora_4bit_linear(
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(x.dtype, layout[3])
-    blocksize, quant_type, shape, weight_dtype, nested_blocksize = layout
-    out, _ = _forward(
-        x, *quantized, blocksize, quant_type, list(shape), weight_dtype, nested_blocksize, bias, lora_a, lora_b,
-        float(scaling), dtype,
-    )  # fmt: skip
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return _Lora4bitLinear.apply(x, quantized, layout, bias, lora_a, lora_b, float(scaling), dtype)
