@@ -1,0 +1,98 @@
+"""Where the GPU waits during tuneloop's training steps: idle gaps on the compute stream (diagnostic, one GPU).
+
+Builds the ``tuneloop`` stack of ``train_throughput.py`` (same model shape, workloads and fast path), runs the
+warm-up steps and one unprofiled step, then profiles two steps with ``torch.profiler`` and prints one JSON line:
+the compute stream's busy and elapsed milliseconds, its idle gaps by size, and which kernels end the gaps of
+0.3 ms or more (a kernel that starts a layer, ending many such gaps, means the host reaches that layer late).
+The profiler slows the host, so gaps are larger than in unprofiled steps; ``unprofiled_step_s`` is the reference.
+
+    source bench/gpu_setup.sh && python3 bench/step_gaps.py --method qlora --budget-gib 7.02 --workload a
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
+
+GAP_US = 20  # idle time between kernels below this is launch latency, not waiting
+LONG_GAP_US = 300
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="qlora", choices=["lora", "qlora"])
+    p.add_argument(
+        "--budget-gib", type=float, default=None, help="memory_budget_gib (default: the free GPU memory)"
+    )
+    p.add_argument("--workload", default="a", choices=["a", "b"])
+    p.add_argument("--shape", default="llama-3.1-8b")
+    args = p.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from trainbench.model import SHAPES
+    from trainbench.stacks import StackContext, get_stack
+    from trainbench.workloads import build
+
+    shape = SHAPES[args.shape]
+    workload = build(args.workload, shape.vocab, 3, 3)
+    context = StackContext(shape, torch.device("cuda"), args.method, workload, args.budget_gib)
+    trainer = get_stack("tuneloop").build(context)
+    warm = [trainer.inputs(b) for b in workload.warmup]
+    timed = [trainer.inputs(b) for b in workload.timed]
+    for inputs in warm:
+        trainer.step(inputs)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    trainer.step(timed[0])
+    torch.cuda.synchronize()
+    unprofiled = time.perf_counter() - started
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for inputs in timed[1:]:
+            trainer.step(inputs)
+        torch.cuda.synchronize()
+
+    kernels = [
+        e for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA
+    ]
+    streams = collections.Counter(e.device_resource_id() for e in kernels)
+    compute = streams.most_common(1)[0][0]  # the stream with the most kernels; the offload copies use another
+    spans = sorted(
+        (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name())
+        for e in kernels
+        if e.device_resource_id() == compute
+    )
+    gaps, end = [], spans[0][1]
+    for start, finish, name in spans[1:]:
+        if start - end > GAP_US:
+            gaps.append((start - end, name))
+        end = max(end, finish)
+    sizes = collections.Counter()
+    for length, _ in gaps:
+        sizes["under_0.1_ms" if length < 100 else "under_1_ms" if length < 1000 else "1_ms_or_more"] += length
+    enders = collections.Counter()
+    for length, name in gaps:
+        if length >= LONG_GAP_US:
+            enders[name[:80]] += length
+    row = {
+        "stack": "tuneloop", "method": args.method, "workload": args.workload, "budget_gib": args.budget_gib,
+        "gpu": torch.cuda.get_device_name(), "unprofiled_step_s": round(unprofiled, 4), "profiled_steps": len(timed) - 1,
+        "compute_busy_ms": round(sum(b - a for a, b, _ in spans) / 1e3, 1),
+        "compute_elapsed_ms": round((spans[-1][1] - spans[0][0]) / 1e3, 1),
+        "gap_ms_by_size": {k: round(v / 1e3, 1) for k, v in sizes.items()},
+        "long_gaps": sum(1 for length, _ in gaps if length >= LONG_GAP_US),
+        "long_gap_ms_by_ending_kernel": {k: round(v / 1e3, 1) for k, v in enders.most_common(6)},
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
