@@ -20,6 +20,8 @@ from tuneloop.train.fast.graphs import PackedStepGraphs
 from tuneloop.train.fast.packing import RowBuckets
 from tuneloop.train.loss import TrainedTokenLoss
 
+from .conftest import needs_bitsandbytes
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -77,5 +79,29 @@ def test_a_run_with_cuda_graphs_replays_them_and_follows_the_plain_loss_curve(ti
     summary = records[1]["cuda_graphs"]
     assert summary["graphs"] > 0 and summary["replays"] > 0
     assert records[1]["train"]["fast_path"]["cuda_graphs"] is True
+    assert len(curves[0]) == len(curves[1]) > 2
+    assert curves[1] == pytest.approx(curves[0], rel=5e-2)
+
+
+@needs_bitsandbytes
+def test_qlora_steps_replay_as_graphs_with_fused_4bit_lora_linears(tiny_config):
+    """``kernels: auto`` under ``cuda_graphs`` is ``fused``: on QLoRA that includes the 4-bit LoRA linears, whose
+    bitsandbytes rebuilds of the weight are captured in the graphs; the curve follows eager QLoRA's."""
+    from tuneloop import train
+
+    curves, records = [], []
+    for use in (False, True):
+        config = tiny_config(
+            adapter="qlora", precision="bf16", packing=True, cuda_graphs=use, kernels="auto" if use else "eager",
+            lora_dropout=0.0, epochs=3, batch_size=2, logging_steps=1,
+            output_dir=str(tiny_config().output_dir) + f"-qlora-graphs-{use}",
+        )  # fmt: skip
+        result = train.run(config, overwrite=True)
+        rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+        curves.append([r["loss"] for r in rows if "loss" in r])
+        records.append(json.loads((result.output_dir / "record.json").read_text()))
+    assert records[1]["train"]["fast_path"]["kernels"] == "fused"
+    assert records[1]["fused_layers"]["lora_linears"] > 0
+    assert records[1]["cuda_graphs"]["replays"] > 0
     assert len(curves[0]) == len(curves[1]) > 2
     assert curves[1] == pytest.approx(curves[0], rel=5e-2)
