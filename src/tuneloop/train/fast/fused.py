@@ -19,8 +19,8 @@ saved. A layer that is not plain LoRA (DoRA, dropout, a LoRA bias, a trained bas
 PEFT's forward; a norm is replaced only if the fused op reproduces it on a probe input (a
 Gemma-style ``1 + weight`` norm does not, and stays).
 
-Over a bitsandbytes 4-bit base (QLoRA) the same arithmetic runs as one registered operator
-(:mod:`tuneloop.train.fast.four_bit`) that rebuilds the dense weight for each matmul; it is what lets QLoRA
+Over a bitsandbytes 4-bit base (QLoRA) the same arithmetic runs over a dense weight rebuilt for each matmul and
+never saved (:mod:`tuneloop.train.fast.four_bit`); it is what lets QLoRA
 decoder layers compile (``fused_layers_for(model, "compile")`` swaps only those linears, Inductor fuses the rest).
 
 Numerics: the same bf16 operands and fp32 accumulation as PEFT's path, with one rounding fewer (the adapter
@@ -43,52 +43,6 @@ from tuneloop.train.fast.linear_ce import linear_dtype
 PROBE_TOLERANCE = 1e-5  # fp32 relative error a replacement norm may show on the probe input
 
 
-def _lora_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output and what the backward pass needs: the input rows, the adapter weights and ``u = rows @ A.T``,
-    all in the matmul dtype (the base weight is not kept here: a caller saves or rebuilds it)."""
-    dtype = linear_dtype(x, weight)
-    with torch.autocast(x.device.type, enabled=False):
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-        out = F.linear(rows, w, bias.to(dtype) if bias is not None else None)
-        u = rows @ a.t()
-        out.addmm_(u, b.t(), alpha=scaling)
-    return out.view(*x.shape[:-1], out.shape[-1]), rows, a, b, u
-
-
-def _lora_backward(
-    ctx: Any,
-    grad_out: torch.Tensor,
-    rows: torch.Tensor,
-    w: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    u: torch.Tensor,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients for the input, ``A`` and ``B`` (those ``needs`` asks for), the adds in cuBLAS's epilogue."""
-    s = ctx.scaling
-    x_dtype, a_dtype, b_dtype = ctx.dtypes
-    with torch.autocast(grad_out.device.type, enabled=False):
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(rows.dtype)
-        gu = g @ b  # [rows, r]: the gradient reaching the adapter's inner product, before scaling
-        grad_x = None
-        if needs[0]:
-            w = w.to(rows.dtype)
-            grad_x = (g @ w).addmm_(gu, a, alpha=s).view(*grad_out.shape[:-1], w.shape[1]).to(x_dtype)
-        # beta=0: the first argument only gives the shape; cuBLAS neither reads it nor propagates NaNs from it
-        grad_a = torch.addmm(a, gu.t(), rows, beta=0, alpha=s).to(a_dtype) if needs[1] else None
-        grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=s).to(b_dtype) if needs[2] else None
-    return grad_x, grad_a, grad_b
-
-
 class _LoraLinear(torch.autograd.Function):
     """``x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T`` with a frozen ``W``; gradients for ``x``, ``A``, ``B``."""
 
@@ -102,19 +56,36 @@ class _LoraLinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        out, rows, a, b, u = _lora_forward(x, weight, bias, lora_a, lora_b, scaling)
-        ctx.save_for_backward(rows, weight, a, b, u)
+        dtype = linear_dtype(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            out = F.linear(rows, w, bias.to(dtype) if bias is not None else None)
+            u = rows @ a.t()
+            out.addmm_(u, b.t(), alpha=scaling)
+        ctx.save_for_backward(rows, w, a, b, u)
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
-        return out
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         rows, w, a, b, u = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = _lora_backward(
-            ctx, grad_out, rows, w, a, b, u, (needs[0], needs[3], needs[4])
-        )
+        s = ctx.scaling
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(rows.dtype)
+            gu = g @ b  # [rows, r]: the gradient reaching the adapter's inner product, before scaling
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ w).addmm_(gu, a, alpha=s).view(*grad_out.shape[:-1], w.shape[1]).to(x_dtype)
+            # beta=0: the first argument only gives the shape; cuBLAS neither reads it nor propagates NaNs from it
+            grad_a = (
+                torch.addmm(a, gu.t(), rows, beta=0, alpha=s).to(a_dtype) if ctx.needs_input_grad[3] else None
+            )
+            grad_b = (
+                torch.addmm(b, g.t(), u, beta=0, alpha=s).to(b_dtype) if ctx.needs_input_grad[4] else None
+            )
         return grad_x, None, None, grad_a, grad_b, None
 
 
@@ -123,7 +94,7 @@ FOUR_BIT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "nested_code", "
 
 class FusedLoraLinear(nn.Module):
     """A PEFT LoRA linear's forward as :class:`_LoraLinear` (over a bitsandbytes 4-bit base: the same arithmetic
-    as one operator, :mod:`tuneloop.train.fast.four_bit`), over the layer's own modules and names."""
+    over a rebuilt weight, :mod:`tuneloop.train.fast.four_bit`), over the layer's own modules and names."""
 
     def __init__(self, layer: nn.Module, adapter: str) -> None:
         super().__init__()
