@@ -152,12 +152,16 @@ def test_cli_serve_on_loopback_with_an_api_key(runs, tiny_model_dir, tmp_path):
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
+        # a cold start imports torch, transformers and PEFT and loads the model: on a loaded 2-core box that
+        # took over 30 s once; wait up to 120 s, and stop at once if the server exited
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
+                time.sleep(0.2)
+        assert process.poll() is None, f"the server exited (code {process.returncode}) before answering"
         assert httpx.get(f"{url}/v1/models").status_code == 401
         listed = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k-123"}).json()["data"]
         assert [m["id"] for m in listed] == [tiny_model_dir.name, "A"]
