@@ -20,7 +20,9 @@ step, the host became the limit (bench/README.md, QLoRA). Traced ops run from In
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from tuneloop.train.fast.linear_ce import linear_dtype
+from tuneloop.train.fast.lora_matmuls import lora_forward, lora_grads
 
 # blocksize, quant type, shape, dtype, nested blocksize
 Layout = tuple[int, str, tuple[int, ...], torch.dtype, int]
@@ -90,20 +92,16 @@ def _backward_op(
     needs_input_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for ``x`` (empty unless ``needs_input_grad``), ``A`` and ``B``; the weight rebuilt again."""
-    with torch.autocast(x.device.type, enabled=False):
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        gu = g @ b  # [rows, r]: the gradient reaching the adapter's inner product, before scaling
-        grad_x = x.new_empty(0)
-        if needs_input_grad:
-            layout = (blocksize, quant_type, tuple(shape), weight_dtype, nested_blocksize)
-            weight = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, layout).to(dtype)
-            grad_x = (g @ weight).addmm_(gu, a, alpha=scaling).view(x.shape).to(x.dtype)
-        # beta=0: the first argument only gives the shape; cuBLAS neither reads it nor propagates NaNs from it
-        grad_a = torch.addmm(a, gu.t(), rows, beta=0, alpha=scaling).to(lora_a.dtype)
-        grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=scaling).to(lora_b.dtype)
-    return grad_x, grad_a, grad_b
+    rows = x.reshape(-1, x.shape[-1]).to(dtype)
+    weight = None
+    if needs_input_grad:
+        layout = (blocksize, quant_type, tuple(shape), weight_dtype, nested_blocksize)
+        weight = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, layout).to(dtype)
+    grad_x, grad_a, grad_b = lora_grads(
+        grad_out, rows, weight, lora_a.to(dtype), lora_b.to(dtype), u, scaling,
+        (x.dtype, lora_a.dtype, lora_b.dtype), (needs_input_grad, True, True),
+    )  # fmt: skip
+    return grad_x if grad_x is not None else x.new_empty(0), grad_a, grad_b
 
 
 @_backward_op.register_fake
@@ -129,17 +127,13 @@ class _Lora4bitLinear(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
-        dtype: torch.dtype,
     ) -> torch.Tensor:
         weight = dequantize_4bit(*quantized, layout)
-        with torch.autocast(x.device.type, enabled=False):
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
-            out = F.linear(rows, weight.to(dtype), bias.to(dtype) if bias is not None else None)
-            u = rows @ lora_a.to(dtype).t()
-            out.addmm_(u, lora_b.to(dtype).t(), alpha=scaling)
+        dtype = linear_dtype(x, weight)
+        out, _, _, _, _, u = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dtype)
         ctx.save_for_backward(x, u, *quantized, lora_a, lora_b)
         ctx.layout, ctx.scaling, ctx.dtype = layout, scaling, dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
@@ -150,7 +144,7 @@ class _Lora4bitLinear(torch.autograd.Function):
             grad_out, x, u, *quantized, blocksize, quant_type, list(shape), weight_dtype, nested_blocksize,
             lora_a, lora_b, ctx.scaling, ctx.dtype, needs_x,
         )  # fmt: skip
-        return grad_x if needs_x else None, None, None, None, grad_a, grad_b, None, None
+        return grad_x if needs_x else None, None, None, None, grad_a, grad_b, None
 
 
 def lora_4bit_linear(
@@ -164,9 +158,4 @@ def lora_4bit_linear(
 ) -> torch.Tensor:
     """``x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T`` for a 4-bit ``W`` (:func:`four_bit_parts`), in the
     autocast dtype when autocast is on (as ``F.linear`` would run), else in the input and weight's common dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(x.dtype, layout[3])
-    return _Lora4bitLinear.apply(x, quantized, layout, bias, lora_a, lora_b, float(scaling), dtype)
+    return _Lora4bitLinear.apply(x, quantized, layout, bias, lora_a, lora_b, float(scaling))

@@ -39,6 +39,7 @@ from torch import nn
 
 from tuneloop.train.fast.four_bit import four_bit_parts, lora_4bit_linear
 from tuneloop.train.fast.linear_ce import linear_dtype
+from tuneloop.train.fast.lora_matmuls import lora_forward, lora_grads
 
 PROBE_TOLERANCE = 1e-5  # fp32 relative error a replacement norm may show on the probe input
 
@@ -56,36 +57,21 @@ class _LoraLinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        dtype = linear_dtype(x, weight)
-        with torch.autocast(x.device.type, enabled=False):
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
-            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-            out = F.linear(rows, w, bias.to(dtype) if bias is not None else None)
-            u = rows @ a.t()
-            out.addmm_(u, b.t(), alpha=scaling)
+        out, rows, w, a, b, u = lora_forward(
+            x, weight, bias, lora_a, lora_b, scaling, linear_dtype(x, weight)
+        )
         ctx.save_for_backward(rows, w, a, b, u)
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         rows, w, a, b, u = ctx.saved_tensors
-        s = ctx.scaling
-        x_dtype, a_dtype, b_dtype = ctx.dtypes
-        with torch.autocast(grad_out.device.type, enabled=False):
-            g = grad_out.reshape(-1, grad_out.shape[-1]).to(rows.dtype)
-            gu = g @ b  # [rows, r]: the gradient reaching the adapter's inner product, before scaling
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).addmm_(gu, a, alpha=s).view(*grad_out.shape[:-1], w.shape[1]).to(x_dtype)
-            # beta=0: the first argument only gives the shape; cuBLAS neither reads it nor propagates NaNs from it
-            grad_a = (
-                torch.addmm(a, gu.t(), rows, beta=0, alpha=s).to(a_dtype) if ctx.needs_input_grad[3] else None
-            )
-            grad_b = (
-                torch.addmm(b, g.t(), u, beta=0, alpha=s).to(b_dtype) if ctx.needs_input_grad[4] else None
-            )
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = lora_grads(
+            grad_out, rows, w, a, b, u, ctx.scaling, ctx.dtypes, (needs[0], needs[3], needs[4])
+        )
         return grad_x, None, None, grad_a, grad_b, None
 
 
