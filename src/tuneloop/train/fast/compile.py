@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuneloop.train.fast.fused import fused_layers_for, unfused_four_bit_layers
+from tuneloop.train.fast.fused import fused_layers_for, is_bitsandbytes_module, unfused_four_bit_layers
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def get_kernel_choice(name: str) -> KernelChoice:
 
 
 def _is_quantized(layer: nn.Module) -> bool:
-    return any(type(m).__module__.split(".")[0] == "bitsandbytes" for m in layer.modules())
+    return any(is_bitsandbytes_module(m) for m in layer.modules())
 
 
 def _describe(error: BaseException) -> str:

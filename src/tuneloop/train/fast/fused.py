@@ -233,8 +233,13 @@ def fused_layers_for(model: nn.Module, kernels: str) -> AbstractContextManager[d
 def unfused_four_bit_layers(layer: nn.Module) -> int:
     """How many bitsandbytes modules of ``layer`` a ``four_bit_only`` swap would leave in place (a 4-bit
     linear without an adapter, or with dropout, DoRA...): compiled layers need none (``fast/compile.py``)."""
-    swapped = {id(old) for _, _, old, _ in _replacements(layer, four_bit_only=True)}
-    covered = {id(m) for old in layer.modules() if id(old) in swapped for m in old.modules()}
-    return sum(
-        type(m).__module__.split(".")[0] == "bitsandbytes" and id(m) not in covered for m in layer.modules()
-    )
+    swapped = [
+        child for child in layer.modules() if plain_lora_adapter(child, four_bit_only=True) is not None
+    ]
+    covered = {id(m) for child in swapped for m in child.modules()}
+    return sum(is_bitsandbytes_module(m) and id(m) not in covered for m in layer.modules())
+
+
+def is_bitsandbytes_module(module: nn.Module) -> bool:
+    """A module of bitsandbytes' (by name: bitsandbytes is optional, and imported only for QLoRA)."""
+    return type(module).__module__.split(".")[0] == "bitsandbytes"
