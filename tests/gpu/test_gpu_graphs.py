@@ -63,19 +63,26 @@ def test_replayed_steps_give_the_eager_loss_and_gradients(tiny_config, tiny_mode
     assert graphs.replays == len(shapes) - 1
 
 
-def test_a_run_with_cuda_graphs_replays_them_and_follows_the_plain_loss_curve(tiny_config):
+def plain_and_graphed_runs(tiny_config, tag: str, graphed_kernels: str, **options):
+    """Two packed runs of the same settings, without CUDA graphs (``kernels: eager``) and with them
+    (``graphed_kernels``): their loss curves and ``record.json``s, plain first."""
     from tuneloop import train
 
     curves, records = [], []
     for use in (False, True):
         config = tiny_config(
-            packing=True, cuda_graphs=use, kernels="eager", lora_dropout=0.0, epochs=3, batch_size=2, logging_steps=1,
-            output_dir=str(tiny_config().output_dir) + f"-graphs-{use}",
+            packing=True, cuda_graphs=use, kernels=graphed_kernels if use else "eager", lora_dropout=0.0, epochs=3,
+            batch_size=2, logging_steps=1, output_dir=str(tiny_config().output_dir) + f"-{tag}-{use}", **options,
         )  # fmt: skip
         result = train.run(config, overwrite=True)
         rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
         curves.append([r["loss"] for r in rows if "loss" in r])
         records.append(json.loads((result.output_dir / "record.json").read_text()))
+    return curves, records
+
+
+def test_a_run_with_cuda_graphs_replays_them_and_follows_the_plain_loss_curve(tiny_config):
+    curves, records = plain_and_graphed_runs(tiny_config, "graphs", "eager")
     summary = records[1]["cuda_graphs"]
     assert summary["graphs"] > 0 and summary["replays"] > 0
     assert records[1]["train"]["fast_path"]["cuda_graphs"] is True
@@ -87,19 +94,7 @@ def test_a_run_with_cuda_graphs_replays_them_and_follows_the_plain_loss_curve(ti
 def test_qlora_steps_replay_as_graphs_with_fused_4bit_lora_linears(tiny_config):
     """``kernels: auto`` under ``cuda_graphs`` is ``fused``: on QLoRA that includes the 4-bit LoRA linears, whose
     bitsandbytes rebuilds of the weight are captured in the graphs; the curve follows eager QLoRA's."""
-    from tuneloop import train
-
-    curves, records = [], []
-    for use in (False, True):
-        config = tiny_config(
-            adapter="qlora", precision="bf16", packing=True, cuda_graphs=use, kernels="auto" if use else "eager",
-            lora_dropout=0.0, epochs=3, batch_size=2, logging_steps=1,
-            output_dir=str(tiny_config().output_dir) + f"-qlora-graphs-{use}",
-        )  # fmt: skip
-        result = train.run(config, overwrite=True)
-        rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-        curves.append([r["loss"] for r in rows if "loss" in r])
-        records.append(json.loads((result.output_dir / "record.json").read_text()))
+    curves, records = plain_and_graphed_runs(tiny_config, "qlora-graphs", "auto", adapter="qlora", precision="bf16")
     assert records[1]["train"]["fast_path"]["kernels"] == "fused"
     assert records[1]["fused_layers"]["lora_linears"] > 0
     assert records[1]["cuda_graphs"]["replays"] > 0
