@@ -69,7 +69,7 @@ def test_qlora_with_bitsandbytes_optimizers_trains_and_resumes_exactly(tiny_conf
 @needs_bitsandbytes
 def test_qlora_layers_compile_with_fused_4bit_lora_linears_and_train_as_eager(tiny_config, tmp_path):
     """``kernels: compile`` on QLoRA: the decoder layers compile (Inductor, CUDA) with their 4-bit LoRA linears as
-    one operator each, and the loss curve is eager QLoRA's within bf16 rounding."""
+    fused ones (the weight rebuilt by traced tensor ops), and the loss curve is eager QLoRA's within bf16 rounding."""
     options = {"adapter": "qlora", "precision": "bf16", "lora_dropout": 0.0, "gradient_checkpointing": False}
     eager = train.run(tiny_config(output_dir=str(tmp_path / "eager"), kernels="eager", **options))
     compiled = train.run(tiny_config(output_dir=str(tmp_path / "compiled"), kernels="compile", **options))

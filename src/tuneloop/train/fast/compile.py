@@ -24,8 +24,8 @@ and a packed row's ``max_length`` is the run's ``max_seq_len``, not a per-batch 
 
 4-bit layers (QLoRA) compile with their LoRA linears swapped for :class:`~tuneloop.train.fast.fused.FusedLoraLinear`
 (the probe and the training loop both make the swap, :func:`~tuneloop.train.fast.fused.fused_layers_for`): its
-autograd function rebuilds the dense weight through bitsandbytes' registered ops, which ``torch.compile`` traces
-as opaque calls, so no bitsandbytes module forward (a tensor subclass with custom kernels, whose support under
+autograd function rebuilds the dense weight with plain tensor ops when compiled (:mod:`~tuneloop.train.fast.four_bit`),
+so no bitsandbytes module forward (a tensor subclass with custom kernels, whose support under
 compile varies by version) is traced. A layer with any other bitsandbytes module (a 4-bit linear without a
 plain adapter), or a run that keeps PEFT's layers (DPO: its reference pass switches them off), stays eager.
 

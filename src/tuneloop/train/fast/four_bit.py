@@ -1,22 +1,29 @@
 """A LoRA linear over a bitsandbytes 4-bit base, forward and backward (QLoRA fast path).
 
 The arithmetic is :mod:`tuneloop.train.fast.fused`'s (three matmuls forward, the adapter's product added in
-cuBLAS's epilogue; the same backward), over a dense weight rebuilt from its 4-bit bytes through bitsandbytes'
-own registered ops (which ``torch.compile`` traces through their fake kernels): in the forward pass, and again
-in the backward pass. No dense weight outlives one matmul, which is what keeps QLoRA's memory at 4 bits a
+cuBLAS's epilogue; the same backward), over a dense weight rebuilt from its 4-bit bytes in the forward pass and
+again in the backward pass. No dense weight outlives one matmul, which is what keeps QLoRA's memory at 4 bits a
 weight (bitsandbytes' ``matmul_4bit`` does the same).
 
-Why the backward pass is one registered operator (``torch.library.custom_op``): inside a compiled decoder
-layer AOTAutograd traces an ``autograd.Function``'s forward and backward into one graph, where two identical
-rebuilds of the weight are merged and the dense weight is then *saved* between the passes: every compiled
-QLoRA layer kept its weights in bf16 (CPU test with ``aot_eager`` and Inductor). Inside the operator the
-second rebuild is out of the graph's sight, so the backward references only the packed bytes.
+How the weight is rebuilt depends on who runs the code:
 
-Why the forward pass is not an operator too (it was, first): an operator call costs Python on every call
-(its wrapper, then our code issuing a dozen torch calls), and at 224 linears of an 8B model, three passes a
-step, the host became the limit (bench/README.md, QLoRA). Traced ops run from Inductor's generated code.
+* **eagerly**, through bitsandbytes' own registered ops (one CUDA kernel each);
+* **inside a compiled layer**, as plain tensor ops (:func:`traced_dequantize_4bit`: a 16-entry table lookup
+  per nibble times its block's scale), which Inductor fuses into one kernel launched from its generated code.
+  bitsandbytes' ops would be opaque calls, each running Python at every call (its op wrapper, then a ctypes
+  launch), two per weight, three passes a step: at the 224 linears of an 8B model the host became the limit
+  (bench/README.md, QLoRA).
+
+Plain ops also let the backward pass be traced rather than hidden in an operator of its own. The partitioner
+then sees two rebuilds of the same weight, one per pass, and must not join them: AOTAutograd's
+common-subexpression elimination would merge identical ones, and the partitioner keeps (does not recompute) a
+merged result the backward pass materializes anyway, i.e. it would save every dense weight between the passes.
+So the backward pass spells its rebuild differently (``again=True``: the nibbles by floor division and
+remainder, not shift and mask; the same values), and each pass rebuilds its own weight from the packed bytes.
+The unit tests check what autograd saves, eagerly and compiled.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -34,11 +41,19 @@ def dequantize_4bit(
     nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None,
     offset: torch.Tensor | None,
+    code: torch.Tensor,
     layout: Layout,
+    *,
+    again: bool = False,
 ) -> torch.Tensor:
     """A bitsandbytes 4-bit weight as a dense tensor: ``bitsandbytes.functional.dequantize_4bit``'s arithmetic
     on the tensors :func:`four_bit_parts` takes out of the layer (double quantisation: the 8-bit absmax scales
-    are dequantized first)."""
+    are dequantized first). Through bitsandbytes' kernels when run eagerly, through
+    :func:`traced_dequantize_4bit` when being compiled (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return traced_dequantize_4bit(
+            packed, absmax, nested_absmax, nested_code, offset, code, layout, again=again
+        )
     blocksize, quant_type, shape, dtype, nested_blocksize = layout
     ops = torch.ops.bitsandbytes
     if nested_absmax is not None:
@@ -47,6 +62,39 @@ def dequantize_4bit(
             + offset
         )
     return ops.dequantize_4bit(packed, absmax, blocksize, quant_type, list(shape), dtype)
+
+
+def traced_dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code: torch.Tensor,
+    layout: Layout,
+    *,
+    again: bool = False,
+) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization as tensor ops (the same values: its layout, its tables, fp32 products
+    rounded once to the weight's dtype). Each byte holds two weights, the first in its high nibble; weight ``i``
+    is ``code[nibble] * absmax[i // blocksize]``; with double quantisation, absmax scale ``j`` is itself
+    ``nested_code[absmax[j]] * nested_absmax[j // nested_blocksize] + offset``. Views, lookups and pointwise
+    ops only, so Inductor makes one kernel of it. ``again``: the backward pass's spelling (module docstring)."""
+    blocksize, _, shape, dtype, nested_blocksize = layout
+    count = math.prod(shape)
+    if nested_absmax is not None:
+        scales = _repeat_each(nested_absmax, nested_blocksize, absmax.numel())
+        absmax = nested_code[absmax.long()] * scales + offset
+    flat = packed.reshape(-1)
+    halves = (flat // 16, flat % 16) if again else (flat >> 4, flat & 15)
+    nibbles = torch.stack(halves, dim=-1).reshape(-1)[:count]
+    values = code[nibbles.long()] * _repeat_each(absmax, blocksize, count)
+    return values.to(dtype).reshape(shape)
+
+
+def _repeat_each(scales: torch.Tensor, times: int, count: int) -> torch.Tensor:
+    """Each scale repeated ``times`` (a block's worth), cut to ``count``: a broadcast view, no copy in a graph."""
+    return scales[:, None].expand(-1, times).reshape(-1)[:count]
 
 
 def four_bit_parts(base: torch.nn.Module) -> tuple[tuple[torch.Tensor | None, ...], Layout]:
@@ -59,6 +107,7 @@ def four_bit_parts(base: torch.nn.Module) -> tuple[tuple[torch.Tensor | None, ..
         nested.absmax if nested is not None else None,
         nested.code if nested is not None else None,
         state.offset if nested is not None else None,
+        state.code,  # the 16 values a nibble stands for (NF4 or FP4)
     )
     layout = (
         state.blocksize,
@@ -70,52 +119,9 @@ def four_bit_parts(base: torch.nn.Module) -> tuple[tuple[torch.Tensor | None, ..
     return tensors, layout
 
 
-@torch.library.custom_op("tuneloop::lora_4bit_linear_backward", mutates_args=())
-def _backward_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    u: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    quant_type: str,
-    shape: list[int],
-    weight_dtype: torch.dtype,
-    nested_blocksize: int,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    dtype: torch.dtype,
-    needs_input_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for ``x`` (empty unless ``needs_input_grad``), ``A`` and ``B``; the weight rebuilt again."""
-    rows = x.reshape(-1, x.shape[-1]).to(dtype)
-    weight = None
-    if needs_input_grad:
-        layout = (blocksize, quant_type, tuple(shape), weight_dtype, nested_blocksize)
-        weight = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, layout).to(dtype)
-    grad_x, grad_a, grad_b = lora_grads(
-        grad_out, rows, weight, lora_a.to(dtype), lora_b.to(dtype), u, scaling,
-        (x.dtype, lora_a.dtype, lora_b.dtype), (needs_input_grad, True, True),
-    )  # fmt: skip
-    return grad_x if grad_x is not None else x.new_empty(0), grad_a, grad_b
-
-
-@_backward_op.register_fake
-def _(grad_out, x, u, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
-      weight_dtype, nested_blocksize, lora_a, lora_b, scaling, dtype, needs_input_grad):  # fmt: skip
-    grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
-    return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
-
-
 class _Lora4bitLinear(torch.autograd.Function):
-    """Forward: the weight rebuilt, then the fused LoRA matmuls, traced into a compiled layer's graph like any ops
-    (Inductor calls them from its generated code: no per-call Python). Backward: one opaque operator, which
-    rebuilds the weight again out of the graph's sight; the forward's weight is not referenced by the backward,
-    so it is never saved."""
+    """Forward: the weight rebuilt, then the fused LoRA matmuls. Backward: the weight rebuilt again from the
+    saved 4-bit bytes (never saved itself), then the fused LoRA gradients. Both traceable into a compiled layer."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -139,12 +145,14 @@ class _Lora4bitLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         x, u, *quantized, lora_a, lora_b = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
-        blocksize, quant_type, shape, weight_dtype, nested_blocksize = ctx.layout
-        grad_x, grad_a, grad_b = _backward_op(
-            grad_out, x, u, *quantized, blocksize, quant_type, list(shape), weight_dtype, nested_blocksize,
-            lora_a, lora_b, ctx.scaling, ctx.dtype, needs_x,
+        dtype = ctx.dtype
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        weight = dequantize_4bit(*quantized, ctx.layout, again=True).to(dtype) if needs_x else None
+        grad_x, grad_a, grad_b = lora_grads(
+            grad_out, rows, weight, lora_a.to(dtype), lora_b.to(dtype), u, ctx.scaling,
+            (x.dtype, lora_a.dtype, lora_b.dtype), (needs_x, True, True),
         )  # fmt: skip
-        return grad_x if needs_x else None, None, None, None, grad_a, grad_b, None
+        return grad_x, None, None, None, grad_a, grad_b, None
 
 
 def lora_4bit_linear(

@@ -75,7 +75,7 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-FOUR_BIT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "nested_code", "absmax_offset")
+FOUR_BIT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "nested_code", "absmax_offset", "nibble_code")
 
 
 class FusedLoraLinear(nn.Module):
