@@ -15,7 +15,13 @@ from tuneloop import train
 from tuneloop.compat.varlen_attn import installed_varlen_api
 from tuneloop.data import ChatRenderer, Conversation, Message, RowRef
 from tuneloop.train.batching import collate, to_device
-from tuneloop.train.fast.attention import _flash_api, packed_attention, varlen_attention_forward
+from tuneloop.train.fast.attention import (
+    _equal_rows_kernel,
+    _flash_api,
+    _varlen_kernel,
+    packed_attention,
+    varlen_attention_forward,
+)
 from tuneloop.train.fast.packing import pack
 from tuneloop.train.loss import TrainedTokenLoss
 
@@ -69,6 +75,52 @@ def test_the_kernel_path_is_taken_and_matches_masked_sdpa():
     )
     assert fast.dtype == torch.bfloat16 and fast.shape == (1, total, heads, dim)
     torch.testing.assert_close(fast.float(), masked, rtol=2e-2, atol=2e-2)
+
+
+@needs_varlen
+def test_a_row_of_full_length_examples_runs_as_equal_rows_and_matches_the_varlen_kernel(monkeypatch):
+    """Three examples of the full ``max_length`` (96) fill the row: SDPA over 3 rows, the varlen kernel's values
+    and gradients (bf16), and no varlen call."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    rows, length, heads, kv_heads, dim = 3, 96, 8, 2, 64
+    shapes = (
+        (1, heads, rows * length, dim),
+        (1, kv_heads, rows * length, dim),
+        (1, kv_heads, rows * length, dim),
+    )
+    query, key, value = (
+        torch.randn(s, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
+        for s in shapes
+    )
+    cu = torch.arange(0, rows * length + 1, length, dtype=torch.int32, device="cuda")
+    kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups = heads // kv_heads
+        is_causal = True
+
+    calls = []
+    monkeypatch.setattr(
+        "tuneloop.train.fast.attention._equal_rows_kernel",
+        lambda *args: calls.append(1) or _equal_rows_kernel(*args),
+    )
+    grad = torch.randn(1, rows * length, heads, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    out, _ = varlen_attention_forward(Attention(), query, key, value, None, scaling=dim**-0.5, **kwargs)
+    grads = torch.autograd.grad(out, (query, key, value), grad)
+    api = _flash_api(query, 0.0, None, length)
+    want = _varlen_kernel(api, query, key, value, cu, length, dim**-0.5, None)
+    want_grads = torch.autograd.grad(want, (query, key, value), grad)
+    assert calls == [1] and out.shape == want.shape == (1, rows * length, heads, dim)
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=5e-2)
+    # one example shorter: the row is not equal rows, and the varlen kernel takes it
+    short = torch.tensor([0, length, 2 * length, 3 * length - 1], dtype=torch.int32, device="cuda")
+    varlen_attention_forward(
+        Attention(), *(t[:, :, :-1] for t in (query, key, value)), None, scaling=dim**-0.5,
+        **{**kwargs, "cu_seq_lens_q": short, "cu_seq_lens_k": short},
+    )  # fmt: skip
+    assert calls == [1]
 
 
 @needs_varlen

@@ -5,12 +5,37 @@ Forward ``x @ W.T (+ bias) + s * (x @ A.T) @ B.T`` as three matmuls, the adapter
 matmul's cuBLAS epilogue (``addmm_`` with ``alpha=s``); backward five matmuls, the input gradient's adapter
 term added the same way. No full-size elementwise pass either way. What the backward pass needs (the input
 rows, the weight, the adapter weights, ``u = x @ A.T``) each caller saves or rebuilds as suits its weight.
+
+Inside a compiled layer the in-place ``addmm_`` is an operator of ours (:func:`add_product_`) rather than
+``Tensor.addmm_``: AOTAutograd makes every in-place op functional, and a functional ``addmm`` writes a new
+tensor, so cuBLAS first copied the whole output into it (``Memcpy DtoD``: 680 copies and 15 ms of a 425 ms
+QLoRA step of an 8B model on the H200). Inductor puts a mutating operator back in place when nothing else
+reads its input, which is the case here. The operator runs one line of Python per call, so eager code (where
+``addmm_`` is in place anyway) calls ``addmm_`` directly.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+@torch.library.custom_op("tuneloop::add_product_", mutates_args=("out",))
+def _add_product_op(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+    out.addmm_(left, right, alpha=alpha)
+
+
+@_add_product_op.register_fake
+def _(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+    return None
+
+
+def add_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out += alpha * left @ right`` in place (cuBLAS's epilogue), compiled or not; returns ``out``."""
+    if torch.compiler.is_compiling():
+        _add_product_op(out, left, right, alpha)
+        return out
+    return out.addmm_(left, right, alpha=alpha)
 
 
 def lora_forward(
@@ -28,7 +53,7 @@ def lora_forward(
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         out = F.linear(rows, w, bias.to(dtype) if bias is not None else None)
         u = rows @ a.t()
-        out.addmm_(u, b.t(), alpha=scaling)
+        add_product_(out, u, b.t(), scaling)
     return out.view(*x.shape[:-1], out.shape[-1]), rows, w, a, b, u
 
 
@@ -54,8 +79,7 @@ def lora_grads(
         if needs[0]:
             assert weight is not None, "the input's gradient needs the weight"
             grad_x = (
-                (g @ weight)
-                .addmm_(gu, a, alpha=scaling)
+                add_product_(g @ weight, gu, a, scaling)
                 .view(*grad_out.shape[:-1], weight.shape[1])
                 .to(x_dtype)
             )
