@@ -24,8 +24,8 @@ pytestmark = [
 CUDA = torch.device("cuda")
 
 
-def bf16_losses(model, batches) -> list[float]:
-    return losses(model, batches, CUDA, torch.bfloat16)
+def bf16_losses(model, batches, kernels: str = "eager") -> list[float]:
+    return losses(model, batches, CUDA, torch.bfloat16, kernels)
 
 
 def test_compiled_packed_rows_on_the_flash_kernel_compile_a_handful_of_graphs(tiny_config, tiny_model_dir):
@@ -42,7 +42,7 @@ def test_compiled_packed_rows_on_the_flash_kernel_compile_a_handful_of_graphs(ti
                              compile_backend=counting_backend(graphs), autocast_dtype=torch.bfloat16)  # fmt: skip
     assert report.kernels == "compile"
     after_probe = len(graphs)
-    compiled = bf16_losses(model, batches)
+    compiled = bf16_losses(model, batches, report.kernels)
     torch._dynamo.reset()
     # none per row (20) and none per layer (4): the probe's few graphs, then at most the dynamic-shape pair
     assert after_probe <= 4 and len(graphs) - after_probe <= 2, (after_probe, graphs)

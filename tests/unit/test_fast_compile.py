@@ -99,6 +99,7 @@ def test_layers_share_compiled_code_and_lengths_do_not_recompile(tiny_config, ti
     """Two layers of different kinds (the first checkpointed, its input needing no gradient; the second not
     checkpointed): graphs are per kind and mode, not per layer, length or batch size."""
     from tuneloop.train.fast.compile import CompileOptions, compile_layers
+    from tuneloop.train.fast.fused import fused_layers_for
     from tuneloop.train.fast.memory import apply_checkpointing
     from tuneloop.train.loss import TrainedTokenLoss
 
@@ -111,14 +112,15 @@ def test_layers_share_compiled_code_and_lengths_do_not_recompile(tiny_config, ti
     assert outcome.kernels == "compile" and outcome.compiled_layers == 2
     after_probe = len(graphs)
     first, *others = batches(tiny_tokenizer, sizes=(4, 2, 3, 4, 2))
-    step(model, first)
-    assert len(graphs) == after_probe, "training recompiled what the probe had compiled"
-    for batch in others:  # other lengths and batch sizes (all > 1)
-        step(model, batch)
-    assert len(graphs) == after_probe, "a new sequence length or batch size recompiled a layer"
-    with torch.no_grad():
-        model.eval()
-        TrainedTokenLoss(model)(**first)
+    with fused_layers_for(model, outcome.kernels):  # the swap the SFT loop makes: what the probe traced
+        step(model, first)
+        assert len(graphs) == after_probe, "training recompiled what the probe had compiled"
+        for batch in others:  # other lengths and batch sizes (all > 1)
+            step(model, batch)
+        assert len(graphs) == after_probe, "a new sequence length or batch size recompiled a layer"
+        with torch.no_grad():
+            model.eval()
+            TrainedTokenLoss(model)(**first)
     # one graph per kind (dynamo may restart an analysis once, e.g. to turn Python floats into tensors,
     # which calls the backend twice for one graph)
     assert 2 <= after_probe <= 4, graphs

@@ -19,6 +19,7 @@ from tuneloop.data.types import EncodedExample, RowRef
 from tuneloop.train.batching import to_device
 from tuneloop.train.fast import apply_fast_path
 from tuneloop.train.fast.attention import packed_attention
+from tuneloop.train.fast.fused import fused_layers_for
 from tuneloop.train.fast.packing import RowBuckets, batch_collator
 from tuneloop.train.loss import TrainedTokenLoss
 
@@ -60,11 +61,14 @@ def random_packed_batches(vocab_size: int, count: int, buckets: RowBuckets | Non
     return batches
 
 
-def losses(model, batches, device: torch.device = CPU, autocast_dtype: torch.dtype | None = None) -> list[float]:
-    """Mean loss per trained token of a forward and backward on each batch (the GPU test passes CUDA and bf16)."""
+def losses(
+    model, batches, device: torch.device = CPU, autocast_dtype: torch.dtype | None = None, kernels: str = "eager"
+) -> list[float]:
+    """Mean loss per trained token of a forward and backward on each batch (the GPU test passes CUDA and bf16),
+    with the layer swap the SFT loop makes for ``kernels``."""
     module = TrainedTokenLoss(model)
     out = []
-    with packed_attention(model):
+    with packed_attention(model), fused_layers_for(model, kernels):
         model.train()
         for batch in batches:
             model.zero_grad()
@@ -89,7 +93,7 @@ def test_packed_batches_of_random_shapes_compile_a_handful_of_graphs_and_match_e
     report = apply_fast_path(model, config, device=CPU, tokens_per_micro_batch=512, compile_backend=counting_backend(graphs))
     assert report.kernels == "compile" and report.total_layers == LAYERS
     after_probe = len(graphs)
-    compiled = losses(model, batches)
+    compiled = losses(model, batches, kernels=report.kernels)
     # the probe traced a packed row (apply_fast_path passes packing): one graph per kind (first layer's input
     # without a gradient, the others with one), maybe an analysis restart each; none per batch or per layer
     assert 1 <= after_probe <= 4, graphs
@@ -120,5 +124,5 @@ def test_a_packed_probe_compiles_what_packed_training_runs(tiny_config, tiny_mod
     assert model.get_base_model().config._attn_implementation == attention_before  # the probe restored it
     after_probe = len(graphs)
     assert 1 <= after_probe <= 4, graphs
-    losses(model, random_packed_batches(model.get_base_model().config.vocab_size, 6))
+    losses(model, random_packed_batches(model.get_base_model().config.vocab_size, 6), kernels=outcome.kernels)
     assert len(graphs) == after_probe, "packed training compiled graphs the packed probe had not"

@@ -143,7 +143,7 @@ def test_fused_4bit_lora_computes_the_dequantized_model_and_keeps_no_dense_weigh
     batch = batches(tiny_tokenizer, sizes=(3,))[0]
     want_loss, want_grads = step(dense_reference(model), batch, autocast=False)
     peft_loss, peft_grads = step(model, batch)
-    with fused_layers(model, enabled=True, four_bit_only=True) as counts:
+    with fused_layers(model, enabled=True, lora_only=True) as counts:
         exact_loss, exact_grads = step(model, batch, autocast=False)
         with saved_tensors() as saved:
             fused_loss, fused_grads = step(model, batch)
@@ -178,7 +178,7 @@ def test_qlora_decoder_layers_compile_whole_and_train_as_eager(tiny_model_dir, t
     assert report.kernels == "compile", report.reasons
     probe_graphs = len(graphs)
     for batch in batches(tiny_tokenizer):
-        with fused_layers(eager_model, enabled=True, four_bit_only=True):
+        with fused_layers(eager_model, enabled=True, lora_only=True):
             eager_loss, eager_grads = step(eager_model, batch)
         with fused_layers_for(model, report.kernels) as counts, saved_tensors() as saved:
             loss, grads = step(model, batch)
@@ -210,6 +210,6 @@ def test_4bit_layers_stay_eager_when_a_4bit_linear_has_no_plain_adapter_or_peft_
     layers = decoder_layers(full)
     assert sum(unfused_four_bit_layers(layer) for layer in layers) == 0
     kept = compile_layers(
-        full, layers, CPU, CompileOptions(backend="aot_eager", probe=False, fuse_four_bit=False)
+        full, layers, CPU, CompileOptions(backend="aot_eager", probe=False, fuse_lora=False)
     )
     assert kept.kernels == "eager" and "keeps PEFT's layers" in kept.reason

@@ -98,7 +98,7 @@ def apply_fast_path(
     plan = plan_for(model, config, layers, device, tokens_per_micro_batch, budget, compiled=expect_compiled)
     options = CompileOptions(
         backend=compile_backend, autocast_dtype=autocast_dtype, max_seq_len=config.max_seq_len,
-        packing=config.packing, cuda_graphs=config.cuda_graphs, fuse_four_bit=not keep_peft_layers,
+        packing=config.packing, cuda_graphs=config.cuda_graphs, fuse_lora=not keep_peft_layers,
     )  # fmt: skip
     outcome = apply_plan(model, config, layers, plan, device, options, expect_compiled=expect_compiled)
     if expect_compiled and outcome.kernels != "compile" and config.gradient_checkpointing == "auto":

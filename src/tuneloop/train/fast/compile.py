@@ -22,8 +22,9 @@ each kind separately and runs it forward and backward on the inputs a short synt
 warning says why. Training then compiles nothing new: no KV cache is built (one graph per layer otherwise),
 and a packed row's ``max_length`` is the run's ``max_seq_len``, not a per-batch value.
 
-4-bit layers (QLoRA) compile with their LoRA linears swapped for :class:`~tuneloop.train.fast.fused.FusedLoraLinear`
-(the probe and the training loop both make the swap, :func:`~tuneloop.train.fast.fused.fused_layers_for`): its
+Compiled layers run with their LoRA linears swapped for :class:`~tuneloop.train.fast.fused.FusedLoraLinear`
+(the probe and the training loop both make the swap, :func:`~tuneloop.train.fast.fused.fused_layers_for`); over a
+4-bit base (QLoRA) that is what lets the layer compile at all: its
 autograd function rebuilds the dense weight with plain tensor ops when compiled (:mod:`~tuneloop.train.fast.four_bit`),
 so no bitsandbytes module forward (a tensor subclass with custom kernels, whose support under
 compile varies by version) is traced. A layer with any other bitsandbytes module (a 4-bit linear without a
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuneloop.train.fast.fused import fused_layers_for, is_bitsandbytes_module, unfused_four_bit_layers
+from tuneloop.train.fast.fused import fused_layers, is_bitsandbytes_module, unfused_four_bit_layers
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class CompileOptions:
     max_seq_len: int | None = None  # the longest training sequence (CPU attention choice, packing bound)
     packing: bool = False  # batches are packed rows: the probe traces that layout, so training adds no graph
     cuda_graphs: bool = False  # the step is replayed as CUDA graphs (train/fast/graphs.py): auto keeps layers uncompiled
-    fuse_four_bit: bool = True  # 4-bit LoRA linears swapped for fused ones, so QLoRA layers compile (False: DPO)
+    fuse_lora: bool = True  # LoRA linears swapped for fused ones, as the SFT loop runs them (False: DPO keeps PEFT's)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
     if not layers:
         return KernelOutcome("eager", 0, "no decoder layers found to compile")
     if any(_is_quantized(layer) for layer in layers):
-        if not options.fuse_four_bit:
+        if not options.fuse_lora:
             return KernelOutcome("eager", 0, "4-bit (bitsandbytes) layers are kept eager: this recipe keeps PEFT's layers")
         left = sum(unfused_four_bit_layers(layer) for layer in layers)
         if left:
@@ -195,7 +196,7 @@ def _probe(model: Any, layers: list[nn.Module], device: torch.device, options: C
         with torch.random.fork_rng(devices=devices), ExitStack() as stack:
             model.train()
             stack.enter_context(_layout(model, options))
-            stack.enter_context(fused_layers_for(model, "compile"))  # as training will run: 4-bit LoRA linears fused
+            stack.enter_context(fused_layers(model, enabled=options.fuse_lora, lora_only=True))  # as training runs
             inputs = _capture_layer_inputs(model, layers, device, options)
             first_of_kind: dict[tuple[bool, bool], int] = {}
             for index, layer in enumerate(layers):
