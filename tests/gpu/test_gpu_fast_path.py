@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tuneloop import train
 from tuneloop.train.estimate import RUNTIME_OVERHEAD_BYTES
 from tuneloop.train.fast import apply_fast_path
+from tuneloop.train.fast.fused import fused_layers_for
 from tuneloop.train.fast.linear_ce import fused_linear_cross_entropy
 from tuneloop.train.fast.memory import memory_model_of
 
@@ -70,7 +71,7 @@ def test_auto_checkpoints_what_the_budget_needs_and_inductor_compiles_the_layers
     report = apply_fast_path(model, config, device=CUDA, tokens_per_micro_batch=tokens, budget=budget, autocast_dtype=torch.bfloat16)
     assert report.kernels == "compile", report.reasons
     assert (report.checkpointed_layers, report.checkpointed_indices, report.offload) == (1, (0,), False)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16), fused_layers_for(model, report.kernels):  # as the SFT loop
         loss, _ = step(model, batch)
     assert loss == pytest.approx(want_loss, rel=2e-2)
 

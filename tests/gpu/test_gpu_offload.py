@@ -12,6 +12,7 @@ import torch
 
 from tuneloop.train.estimate import RUNTIME_OVERHEAD_BYTES
 from tuneloop.train.fast import apply_fast_path
+from tuneloop.train.fast.fused import fused_layers_for
 from tuneloop.train.fast.memory import apply_checkpointing, decoder_layers, memory_model_of
 
 pytestmark = pytest.mark.gpu
@@ -88,7 +89,7 @@ def test_auto_at_a_tight_budget_offloads_and_keeps_inductor(tiny_config, tiny_mo
     budget = memory_model_of(model, config, tokens).at(LAYERS, offload=True).peak + RUNTIME_OVERHEAD_BYTES
     report = apply_fast_path(model, config, device=CUDA, tokens_per_micro_batch=tokens, budget=budget, autocast_dtype=torch.bfloat16)
     assert report.kernels == "compile" and report.offload and report.checkpointed_layers == LAYERS, report.reasons
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16), fused_layers_for(model, report.kernels):  # as the SFT loop
         losses = [measured_step(model, ids)[0] for _ in range(2)]
     assert losses[0] == pytest.approx(want, rel=2e-2)
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)  # no update in between: a second step (stash reused) agrees
