@@ -1,0 +1,115 @@
+"""Diagnostic: one profiled training step of a stack (8B shape, workload a), its GPU kernels and idle gaps.
+
+Builds a stack of ``train_throughput.py`` in this process (run Unsloth's with its peer folder on PYTHONPATH, and
+after a ``train_throughput.py`` run has written its checkpoint folder), runs the warm-up steps and two timed
+steps, then profiles one step and prints: the compute stream's kernel count, busy and elapsed milliseconds, its
+idle gaps by size, the 25 kernels taking the most time (with their counts), and the CUDA runtime calls.
+Comparing two stacks' kernel tables is how issue 7's QLoRA gap was found (results/kernel-profile-qlora-h200.txt).
+
+    source bench/gpu_setup.sh
+    python3 bench/kernel_profile.py tuneloop qlora 7.02
+    PYTHONPATH=/tmp/peers/unsloth:$PYTHONPATH python3 bench/kernel_profile.py unsloth qlora 0
+"""
+
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src")]
+from torch.profiler import ProfilerActivity, profile
+from trainbench.model import SHAPES
+from trainbench.stacks import StackContext, get_stack
+from trainbench.workloads import build
+
+stack, method, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+shape = SHAPES["llama-3.1-8b"]
+wl = build("a", shape.vocab, 3, 3)
+ctx = StackContext(
+    shape,
+    torch.device("cuda"),
+    method,
+    wl,
+    budget,
+    Path("/tmp/tuneloop-bench-checkpoint") if stack == "unsloth" else None,
+)
+tr = get_stack(stack).build(ctx)
+warm = [tr.inputs(b) for b in wl.warmup]
+timed = [tr.inputs(b) for b in wl.timed]
+for x in warm:
+    tr.step(x)
+torch.cuda.synchronize()
+ts = []
+for x in timed[:2]:
+    t = time.perf_counter()
+    tr.step(x)
+    torch.cuda.synchronize()
+    ts.append(time.perf_counter() - t)
+print(
+    stack,
+    method,
+    "unprofiled steps",
+    [round(t, 4) for t in ts],
+    "peak",
+    round(torch.cuda.max_memory_allocated() / 2**30, 2),
+)
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    tr.step(timed[2])
+    torch.cuda.synchronize()
+events = list(prof.profiler.kineto_results.events())
+kernels = [e for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
+streams = collections.Counter(e.device_resource_id() for e in kernels)
+compute = streams.most_common(1)[0][0]
+spans = sorted(
+    (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name())
+    for e in kernels
+    if e.device_resource_id() == compute
+)
+gaps, end = [], spans[0][1]
+for s, f, n in spans[1:]:
+    if s - end > 0:
+        gaps.append((s - end, n))
+    end = max(end, f)
+buckets = collections.Counter()
+counts = collections.Counter()
+for g, _ in gaps:
+    k = (
+        "<5us"
+        if g < 5
+        else "5-20us"
+        if g < 20
+        else "20-100us"
+        if g < 100
+        else "0.1-1ms"
+        if g < 1000
+        else ">1ms"
+    )
+    buckets[k] += g
+    counts[k] += 1
+print(
+    "compute kernels",
+    len(spans),
+    "busy ms",
+    round(sum(f - s for s, f, _ in spans) / 1e3, 1),
+    "elapsed ms",
+    round((spans[-1][1] - spans[0][0]) / 1e3, 1),
+)
+print("gaps ms", {k: round(v / 1e3, 1) for k, v in buckets.items()}, "counts", dict(counts))
+by = collections.defaultdict(lambda: [0, 0.0])
+for s, f, n in spans:
+    key = n[:70]
+    by[key][0] += 1
+    by[key][1] += (f - s) / 1e3
+for n, (c, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+    print(f"{ms:8.1f} ms {c:6d}  {n}")
+cpu = collections.defaultdict(lambda: [0, 0.0])
+for e in events:
+    if e.device_type() == torch.autograd.DeviceType.CPU and e.name().startswith("cuda"):
+        cpu[e.name()][0] += 1
+        cpu[e.name()][1] += e.duration_ns() / 1e6
+print(
+    "runtime calls",
+    {k: (c, round(ms, 1)) for k, (c, ms) in sorted(cpu.items(), key=lambda kv: -kv[1][1])[:8]},
+)
