@@ -20,8 +20,8 @@ PEFT's forward; a norm is replaced only if the fused op reproduces it on a probe
 Gemma-style ``1 + weight`` norm does not, and stays).
 
 Over a bitsandbytes 4-bit base (QLoRA) the same arithmetic runs over a dense weight rebuilt for each matmul and
-never saved (:mod:`tuneloop.train.fast.four_bit`); it is what lets QLoRA
-decoder layers compile (``fused_layers_for(model, "compile")`` swaps only those linears, Inductor fuses the rest).
+never saved (:mod:`tuneloop.train.fast.four_bit`); it is what lets QLoRA decoder layers compile. Compiled layers
+take the LoRA linears only (``fused_layers_for(model, "compile")``; Inductor fuses the norms itself).
 
 Numerics: the same bf16 operands and fp32 accumulation as PEFT's path, with one rounding fewer (the adapter
 term is added before the output is rounded, not after); fp32 runs match PEFT to float rounding (unit test).
