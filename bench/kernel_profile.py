@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src")]
+from step_gaps import compute_stream_gaps
 from torch.profiler import ProfilerActivity, profile
 from trainbench.model import SHAPES
 from trainbench.stacks import StackContext, get_stack
@@ -59,19 +60,7 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     tr.step(timed[2])
     torch.cuda.synchronize()
 events = list(prof.profiler.kineto_results.events())
-kernels = [e for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
-streams = collections.Counter(e.device_resource_id() for e in kernels)
-compute = streams.most_common(1)[0][0]
-spans = sorted(
-    (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name())
-    for e in kernels
-    if e.device_resource_id() == compute
-)
-gaps, end = [], spans[0][1]
-for s, f, n in spans[1:]:
-    if s - end > 0:
-        gaps.append((s - end, n))
-    end = max(end, f)
+spans, gaps = compute_stream_gaps(events, 0)
 buckets = collections.Counter()
 counts = collections.Counter()
 for g, _ in gaps:

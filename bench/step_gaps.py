@@ -25,6 +25,27 @@ GAP_US = 20  # idle time between kernels below this is launch latency, not waiti
 LONG_GAP_US = 300
 
 
+def compute_stream_gaps(events: list, min_gap_us: float) -> tuple[list, list]:
+    """The compute stream's kernels as ``(start_us, end_us, name)``, sorted, and its idle gaps longer than
+    ``min_gap_us`` as ``(length_us, name of the kernel ending it)``. The compute stream is the one with the most
+    kernels (the offload copies run on another)."""
+    import torch
+
+    kernels = [e for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
+    compute = collections.Counter(e.device_resource_id() for e in kernels).most_common(1)[0][0]
+    spans = sorted(
+        (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name())
+        for e in kernels
+        if e.device_resource_id() == compute
+    )
+    gaps, end = [], spans[0][1]
+    for start, finish, name in spans[1:]:
+        if start - end > min_gap_us:
+            gaps.append((start - end, name))
+        end = max(end, finish)
+    return spans, gaps
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="qlora", choices=["lora", "qlora"])
@@ -59,21 +80,7 @@ def main() -> int:
             trainer.step(inputs)
         torch.cuda.synchronize()
 
-    kernels = [
-        e for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA
-    ]
-    streams = collections.Counter(e.device_resource_id() for e in kernels)
-    compute = streams.most_common(1)[0][0]  # the stream with the most kernels; the offload copies use another
-    spans = sorted(
-        (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.name())
-        for e in kernels
-        if e.device_resource_id() == compute
-    )
-    gaps, end = [], spans[0][1]
-    for start, finish, name in spans[1:]:
-        if start - end > GAP_US:
-            gaps.append((start - end, name))
-        end = max(end, finish)
+    spans, gaps = compute_stream_gaps(list(prof.profiler.kineto_results.events()), GAP_US)
     sizes = collections.Counter()
     for length, _ in gaps:
         sizes["under_0.1_ms" if length < 100 else "under_1_ms" if length < 1000 else "1_ms_or_more"] += length
