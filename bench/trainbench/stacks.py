@@ -202,7 +202,7 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
     )  # fmt: skip
     # as train/sft.py: packed rows attend within each example (varlen flash attention on CUDA) while training,
     # LoRA inputs stay in the autocast dtype (PEFT's fp32 upcast is a round trip under autocast), and layers
-    # the kernel choice left uncompiled as `fused` run fused (compiled QLoRA layers: their 4-bit LoRA linears)
+    # the kernel choice left uncompiled as `fused` run fused (compiled layers: their LoRA linears)
     contexts = ExitStack()
     contexts.enter_context(fused_layers_for(model, report.kernels))
     contexts.enter_context(packed_attention(model))

@@ -111,8 +111,9 @@ def build_model(
 
     The fast path (:func:`tuneloop.train.fast.apply_fast_path`) sets which decoder layers are checkpointed
     (``gradient_checkpointing``: all, none, or as many as ``memory_budget_gib`` needs) and compiles the
-    layers (``kernels``); its report says what it did. ``keep_peft_layers``: see ``apply_fast_path``. ``gradient_checkpointing: true`` is also switched on
-    before the wrapping, as it always was, so PEFT prepares the model for it the same way.
+    layers (``kernels``); its report says what it did. ``keep_peft_layers``: see ``apply_fast_path``.
+    ``gradient_checkpointing: true`` is also switched on before the wrapping, as it always was, so PEFT prepares
+    the model for it the same way.
     """
     weights_dtype = torch.float32 if method.master_weights_fp32 else setup.dtype
     base = load_base_model(source, method, weights_dtype, setup.device)

@@ -23,11 +23,10 @@ warning says why. Training then compiles nothing new: no KV cache is built (one 
 and a packed row's ``max_length`` is the run's ``max_seq_len``, not a per-batch value.
 
 Compiled layers run with their LoRA linears swapped for :class:`~tuneloop.train.fast.fused.FusedLoraLinear`
-(the probe and the training loop both make the swap, :func:`~tuneloop.train.fast.fused.fused_layers_for`); over a
-4-bit base (QLoRA) that is what lets the layer compile at all: its
-autograd function rebuilds the dense weight with plain tensor ops when compiled (:mod:`~tuneloop.train.fast.four_bit`),
-so no bitsandbytes module forward (a tensor subclass with custom kernels, whose support under
-compile varies by version) is traced. A layer with any other bitsandbytes module (a 4-bit linear without a
+(the probe and the training loop both make the swap, :func:`~tuneloop.train.fast.fused.fused_layers_for`). Over a
+4-bit base (QLoRA) that is what lets the layer compile at all: the swap rebuilds the dense weight with plain
+tensor ops when compiled (:mod:`~tuneloop.train.fast.four_bit`), so no bitsandbytes module forward (a tensor
+subclass with custom kernels, whose support under compile varies by version) is traced. A layer with any other bitsandbytes module (a 4-bit linear without a
 plain adapter), or a run that keeps PEFT's layers (DPO: its reference pass switches them off), stays eager.
 
 Layers whose checkpointed inputs are **offloaded** to host memory are not ``Module.compile()``-d: their

@@ -135,23 +135,22 @@ class _Lora4bitLinear(torch.autograd.Function):
         scaling: float,
     ) -> torch.Tensor:
         weight = dequantize_4bit(*quantized, layout)
-        dtype = linear_dtype(x, weight)
-        out, _, _, _, _, u = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dtype)
-        ctx.save_for_backward(x, u, *quantized, lora_a, lora_b)
-        ctx.layout, ctx.scaling, ctx.dtype = layout, scaling, dtype
+        out, rows, _, a, b, u = lora_forward(
+            x, weight, bias, lora_a, lora_b, scaling, linear_dtype(x, weight)
+        )
+        ctx.save_for_backward(rows, a, b, u, *quantized)
+        ctx.layout, ctx.scaling = layout, scaling
+        ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        x, u, *quantized, lora_a, lora_b = ctx.saved_tensors
-        needs_x = ctx.needs_input_grad[0]
-        dtype = ctx.dtype
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        weight = dequantize_4bit(*quantized, ctx.layout, again=True).to(dtype) if needs_x else None
+        rows, a, b, u, *quantized = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        weight = dequantize_4bit(*quantized, ctx.layout, again=True).to(rows.dtype) if needs[0] else None
         grad_x, grad_a, grad_b = lora_grads(
-            grad_out, rows, weight, lora_a.to(dtype), lora_b.to(dtype), u, ctx.scaling,
-            (x.dtype, lora_a.dtype, lora_b.dtype), (needs_x, True, True),
-        )  # fmt: skip
+            grad_out, rows, weight, a, b, u, ctx.scaling, ctx.dtypes, (needs[0], needs[4], needs[5])
+        )
         return grad_x, None, None, None, grad_a, grad_b, None
 
 

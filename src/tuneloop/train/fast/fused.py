@@ -120,19 +120,15 @@ class FusedRMSNorm(nn.Module):
             return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
-def plain_lora_adapter(module: nn.Module, *, four_bit_only: bool = False) -> str | None:
+def plain_lora_adapter(module: nn.Module) -> str | None:
     """The adapter name if ``module`` is a PEFT LoRA linear that :class:`FusedLoraLinear` computes exactly:
-    PEFT's ``Linear`` over a frozen ``nn.Linear``, or a PEFT LoRA linear over a bitsandbytes 4-bit base
-    (only those with ``four_bit_only``)."""
+    PEFT's ``Linear`` over a frozen ``nn.Linear``, or a PEFT LoRA linear over a bitsandbytes 4-bit base."""
     from peft.tuners.lora.layer import Linear
 
     if not (type(module) is Linear or _is_peft_4bit_lora(module)):
         return None
-    four_bit = _is_4bit_linear(
-        module.base_layer
-    )  # PEFT wraps it in either class (its bitsandbytes one needs CUDA)
-    if four_bit_only and not four_bit:
-        return None
+    # PEFT wraps a 4-bit base in either class (its bitsandbytes one needs CUDA)
+    four_bit = _is_4bit_linear(module.base_layer)
     if module.merged or module.disable_adapters or getattr(module, "fan_in_fan_out", False):
         return None
     active = [name for name in module.active_adapters if name in module.lora_A]
@@ -239,9 +235,7 @@ def fused_layers_for(model: nn.Module, kernels: str) -> AbstractContextManager[d
 def unfused_four_bit_layers(layer: nn.Module) -> int:
     """How many bitsandbytes modules of ``layer`` the LoRA swap of compiled layers would leave in place (a 4-bit
     linear without an adapter, or with dropout, DoRA...): compiled layers need none (``fast/compile.py``)."""
-    swapped = [
-        child for child in layer.modules() if plain_lora_adapter(child, four_bit_only=True) is not None
-    ]
+    swapped = [child for child in layer.modules() if plain_lora_adapter(child) is not None]
     covered = {id(m) for child in swapped for m in child.modules()}
     return sum(is_bitsandbytes_module(m) and id(m) not in covered for m in layer.modules())
 
