@@ -209,7 +209,7 @@ def build_tuneloop(ctx: StackContext) -> Trainer:
     contexts.enter_context(
         adapter_inputs_in_autocast_dtype(model, autocast_dtype=torch.bfloat16 if cuda else None, dora=method.use_dora)
     )
-    loss_module = TrainedTokenLoss(model).train()
+    loss_module = TrainedTokenLoss(model, compiled=report.kernels == "compile").train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optimizer, trainable, lr=config.learning_rate, weight_decay=0.0, device=ctx.device)
 

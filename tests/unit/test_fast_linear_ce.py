@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneloop.train.fast.linear_ce import fused_linear_cross_entropy
+from tuneloop.train.fast.linear_ce import fused_linear_cross_entropy, loss_and_logit_grad
 from tuneloop.train.loss import chunked_head_loss, head_loss
 
 pytestmark = pytest.mark.unit
@@ -128,3 +128,17 @@ def test_rejects_misshapen_inputs():
         fused_linear_cross_entropy(hidden[None], weight, targets)
     with pytest.raises(ValueError, match="chunk_rows"):
         fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_traced_logit_grad_step_gives_the_eager_loss_and_gradients(dtype):
+    """What ``compiled_logit_grad`` compiles, traced by dynamo and AOTAutograd (``aot_eager``: no kernels built
+    here; Inductor's own run is an integration test): 5 full chunks and a short one, ignored rows among them."""
+    hidden, weight, bias, targets = inputs(rows=37, width=32, vocab=101, dtype=dtype, ignored=(3, 36))
+    traced = torch.compile(loss_and_logit_grad, backend="aot_eager", fullgraph=True)
+    eager = fused_linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_rows=7)
+    compiled = fused_linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_rows=7, logit_grad=traced)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads_of(compiled, hidden, weight, bias), grads_of(eager, hidden, weight, bias)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ import torch
 from tuneloop import train
 from tuneloop.data import ChatRenderer, Conversation, Message, RowRef
 from tuneloop.data.render import IGNORE_INDEX
-from tuneloop.train.batching import collate, real_tokens, trained_tokens
+from tuneloop.train.batching import collate, real_tokens, trained_positions, trained_tokens
 from tuneloop.train.fast.attention import (
     ATTENTION_NAME,
     block_causal_mask,
@@ -120,6 +120,40 @@ def test_packed_loss_and_lora_gradients_equal_the_padded_ones(tiny_model_dir, ti
     for name, grad in padded_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trained_positions_point_at_the_tokens_that_predict_a_trained_label(tiny_tokenizer):
+    items = encode(tiny_tokenizer)
+    batch = pack(items)
+    labels = batch["labels"][0]
+    positions = batch["trained_positions"]
+    assert positions.tolist() == [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+    assert len(positions) == trained_tokens(batch)
+    padded = collate(items, tiny_tokenizer.pad_token_id)  # several rows: flat indices into [rows, width]
+    width = padded["labels"].shape[1]
+    flat = trained_positions(padded["labels"])
+    assert (
+        padded["labels"].flatten()[flat + 1].tolist()
+        == padded["labels"][:, 1:][padded["labels"][:, 1:] != IGNORE_INDEX].tolist()
+    )
+    assert ((flat % width) < width - 1).all()
+
+
+def test_the_gather_by_trained_positions_gives_the_masked_gathers_loss_and_gradients(
+    tiny_model_dir, tiny_tokenizer
+):
+    """``trained_positions`` (from the host) only replaces the boolean mask on the device: same loss and grads."""
+    items = encode(tiny_tokenizer)
+    model = lora_model(tiny_model_dir)
+    batch = pack(items)
+    without = {k: v for k, v in batch.items() if k != "trained_positions"}
+    with packed_attention(model):
+        loss, count, grads = loss_and_grads(model, batch)
+        masked_loss, masked_count, masked_grads = loss_and_grads(model, without)
+    assert count == masked_count
+    torch.testing.assert_close(loss, masked_loss, rtol=0, atol=0)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-8, msg=name)
 
 
 def logits(model, batch):

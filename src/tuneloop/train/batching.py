@@ -54,6 +54,15 @@ def trained_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where loss is taken, as indices into the flattened ``[rows, length]`` positions: the positions whose
+    *next* label is trained. Computed by the collator on the host (:func:`~tuneloop.train.fast.packing.pack`),
+    where the labels are, so that :class:`~tuneloop.train.loss.TrainedTokenLoss` gathers with a known size."""
+    width = labels.shape[-1]
+    row, column = (labels.reshape(-1, width)[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return row * width + column
+
+
 def real_tokens(batch: dict[str, Any]) -> int:
     """Tokens that are not padding, for throughput: a packed row (no ``attention_mask``) has only the padding
     segments it was given to reach a CUDA-graph bucket (``pad_tokens``)."""

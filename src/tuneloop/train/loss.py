@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneloop.data.render import IGNORE_INDEX
+from tuneloop.train.fast.linear_ce import (
+    LogitGrad,
+    compiled_logit_grad,
+    fused_linear_cross_entropy,
+    loss_and_logit_grad,
+)
 from tuneloop.train.fast.packing import model_inputs
 
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 26  # 64M logits: 256 MiB in fp32 per copy
@@ -52,18 +58,21 @@ def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return total
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def head_loss(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, *, logit_grad: LogitGrad | None = None
+) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk`` rows at a time.
 
     Up to ``chunk`` rows: one plain head + cross-entropy (on the CPU the fused path measured 3-20% slower
     there: 16-256 rows, 49k vocabulary). Above: fused for a plain ``nn.Linear`` head (exactly that class:
     subclasses such as quantized layers compute something else from their weight; 36% faster than the
-    checkpointed chunks at 2,048 rows on the CPU), otherwise checkpointed chunks.
+    checkpointed chunks at 2,048 rows on the CPU), otherwise checkpointed chunks. ``logit_grad``: the fused
+    path's elementwise step (default eager; :func:`~tuneloop.train.fast.linear_ce.compiled_logit_grad`).
     """
     if hidden.shape[0] > chunk and type(head) is nn.Linear:
-        from tuneloop.train.fast.linear_ce import fused_linear_cross_entropy
-
-        return fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_rows=chunk)
+        return fused_linear_cross_entropy(
+            hidden, head.weight, targets, bias=head.bias, chunk_rows=chunk, logit_grad=logit_grad or loss_and_logit_grad
+        )
     return chunked_head_loss(head, hidden, targets, chunk)
 
 
@@ -84,14 +93,16 @@ class TrainedTokenLoss(nn.Module):
     """Wraps a causal LM; ``forward(batch)`` returns ``(summed loss, trained token count)``.
 
     It is a module, not a function, so accelerate/DDP can wrap the whole loss computation and gradient
-    hooks see one forward.
+    hooks see one forward. ``compiled``: the head's loss runs its elementwise step compiled (set where the
+    decoder layers compile: ``kernels: compile``).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, compiled: bool = False) -> None:
         super().__init__()
         self.model = model
         self.parts = _backbone_and_head(model)  # (decoder, head), or None: the model's own forward is used
         self.chunk = chunk_tokens(self.parts[1].weight.shape[0]) if self.parts is not None else 0
+        self.logit_grad = compiled_logit_grad() if compiled else loss_and_logit_grad
 
     def forward(
         self,
@@ -103,19 +114,38 @@ class TrainedTokenLoss(nn.Module):
         cu_seq_lens: torch.Tensor | None = None,
         max_length: int | None = None,
         pad_tokens: int = 0,
+        trained_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A padded batch (``attention_mask``) or a packed row (``position_ids``, ``cu_seq_lens``,
-        ``max_length``: :func:`tuneloop.train.fast.packing.pack`); the loss is the same for the same examples.
-        ``pad_tokens`` (a packed row padded to a CUDA-graph bucket) needs nothing here: padding has no labels."""
+        ``max_length``, ``trained_positions``: :func:`tuneloop.train.fast.packing.pack`); the loss is the same
+        for the same examples. ``pad_tokens`` (a packed row padded to a CUDA-graph bucket) needs nothing here:
+        padding has no labels."""
         inputs = model_inputs(input_ids, attention_mask, position_ids, cu_seq_lens, max_length)
         targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        count = keep.sum()
+        count = (targets != IGNORE_INDEX).sum()
         if self.parts is None:
-            logits = self.model(**inputs).logits[:, :-1]
-            loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+            logits = self.model(**inputs).logits
+            rows, picked = _trained(logits, labels, trained_positions)
+            loss = F.cross_entropy(rows.float(), picked, reduction="sum")
         else:
             decoder, head = self.parts
             hidden = decoder(**inputs).last_hidden_state
-            loss = head_loss(head, hidden[:, :-1][keep], targets[keep], self.chunk)
+            rows, picked = _trained(hidden, labels, trained_positions)
+            loss = head_loss(head, rows, picked, self.chunk, logit_grad=self.logit_grad)
         return loss, count
+
+
+def _trained(
+    per_position: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_position`` (``[rows, length, ...]``) at the positions that predict a trained label, and those labels.
+
+    With ``positions`` (:func:`~tuneloop.train.batching.trained_positions`) it is an indexed gather. Without, a boolean mask on the
+    device, whose size the host must read back: it waits there for every layer queued before it, twice a
+    step (the gather, then its backward), and the GPU idles until the host has queued work again.
+    """
+    if positions is None:
+        keep = labels[:, 1:] != IGNORE_INDEX
+        return per_position[:, :-1][keep], labels[:, 1:][keep]
+    flat = per_position.flatten(0, 1)
+    return flat.index_select(0, positions), labels.flatten().index_select(0, positions + 1)

@@ -82,7 +82,8 @@ def run(
     steps_per_epoch = math.ceil(batches_per_epoch / (config.grad_accum * accelerator.num_processes))
     optimizer, scheduler = build_optimization(config, model, setup.device, steps_per_epoch, processes=accelerator.num_processes)
     # the scheduler stays unprepared: accelerate would step it once per process, our steps already count them
-    loss_module, optimizer = accelerator.prepare(TrainedTokenLoss(model), optimizer)
+    loss_module = TrainedTokenLoss(model, compiled=fast_path.kernels == "compile")
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     phases.mark("optimizer")
 
     # --- the loop: same data order, optimizer, scheduler and RNG whether resumed or not --------------------

@@ -16,13 +16,24 @@ it costs nothing and the head is never recomputed. This is the approach of Liger
 The catch: gradients are computed even if the loss is never backpropagated. :func:`fused_linear_cross_entropy`
 therefore takes the plain loss-only path (still chunked) under ``torch.no_grad`` or when nothing needs a
 gradient.
+
+Between a chunk's two matmuls sits elementwise work over ``rows x vocab`` values (:func:`loss_and_logit_grad`).
+Eagerly that is about ten kernels, each reading and writing the chunk in fp32: about 10 ms of a 370 ms step of
+an 8B model (4,096 tokens, 128k vocabulary) on the H200. Where the layers run compiled, the same function runs
+through ``torch.compile`` (:func:`compiled_logit_grad`); Inductor's kernels for it took 1.4 ms there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tuneloop.data.render import IGNORE_INDEX
+
+LogitGrad = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def linear_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -34,10 +45,9 @@ def linear_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The chunk's logits in the matmul dtype (the softmax upcasts)."""
     logits = rows @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    return logits.float()
+    return logits + bias if bias is not None else logits
 
 
 def _chunk_loss(
@@ -49,6 +59,26 @@ def _chunk_loss(
     return lse, torch.where(valid, lse - picked, 0.0).sum()
 
 
+def loss_and_logit_grad(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, grad_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's summed cross-entropy (fp32) and its gradient w.r.t. the logits, in ``grad_dtype``:
+    softmax minus one-hot, zero on ignored rows. Written in place, so that eagerly one fp32 copy of the chunk
+    exists at a time; :func:`compiled_logit_grad` compiles this same function."""
+    logits = logits.float()
+    lse, loss = _chunk_loss(logits, targets, valid)
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad[torch.arange(len(targets), device=grad.device), targets.clamp(min=0)] -= 1.0
+    grad.mul_(valid.unsqueeze(1))
+    return loss, grad.to(grad_dtype)
+
+
+def compiled_logit_grad() -> LogitGrad:
+    """:func:`loss_and_logit_grad` through ``torch.compile`` (compiled on first use; dynamo's cache is on the
+    function's code, so every caller shares its graphs: one for the full chunks, one for a shorter last one)."""
+    return torch.compile(loss_and_logit_grad, fullgraph=True)
+
+
 def _chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -57,6 +87,7 @@ def _chunked(
     chunk_rows: int,
     ignore_index: int,
     want: tuple[bool, bool, bool],
+    logit_grad: LogitGrad = loss_and_logit_grad,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The summed loss, chunk by chunk, and the gradients ``want`` asks for (hidden, weight, bias), taken in the
     same pass so no chunk's logits are computed twice. With nothing wanted it is the loss alone (validation)."""
@@ -73,18 +104,12 @@ def _chunked(
             chunk_targets = targets[start : start + chunk_rows]
             valid = chunk_targets != ignore_index
             logits = _chunk_logits(rows, w, b)
-            lse, loss = _chunk_loss(logits, chunk_targets, valid)
-            total += loss
             if not any(want):
+                total += _chunk_loss(logits.float(), chunk_targets, valid)[1]
                 continue
-            # d(sum CE)/d logits = softmax - one_hot(target), zero on ignored rows; built in place
-            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad_logits[
-                torch.arange(len(chunk_targets), device=logits.device), chunk_targets.clamp(min=0)
-            ] -= 1.0
-            grad_logits.mul_(valid.unsqueeze(1))
-            low = grad_logits.to(dtype)
-            del logits, grad_logits
+            loss, low = logit_grad(logits, chunk_targets, valid, dtype)
+            total += loss
+            del logits
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_rows] = low @ w
             if grad_weight is not None:
@@ -106,13 +131,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_rows: int,
         ignore_index: int,
+        logit_grad: LogitGrad,
     ) -> torch.Tensor:
         want = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[2],
         )
-        total, *grads = _chunked(hidden, weight, bias, targets, chunk_rows, ignore_index, want)
+        total, *grads = _chunked(hidden, weight, bias, targets, chunk_rows, ignore_index, want, logit_grad)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in grads))
         ctx.present = tuple(t is not None for t in grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -124,7 +150,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grads = []
         for tensor, present, dtype in zip(stored, ctx.present, ctx.dtypes):
             grads.append((tensor * grad_output).to(dtype) if present else None)
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -135,6 +161,7 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_rows: int = 1024,
     ignore_index: int = IGNORE_INDEX,
+    logit_grad: LogitGrad = loss_and_logit_grad,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, without full logits.
 
@@ -142,6 +169,7 @@ def fused_linear_cross_entropy(
     ``targets``: ``[rows]``, rows equal to ``ignore_index`` add nothing. At most ``chunk_rows x vocab``
     logits exist at a time. The matmul runs in autocast's dtype when autocast is on (as the head would),
     the softmax in fp32. Returns an fp32 scalar; differentiable in ``hidden``, ``weight`` and ``bias``.
+    ``logit_grad``: the elementwise step between the matmuls (:func:`compiled_logit_grad` where layers compile).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
@@ -153,4 +181,4 @@ def fused_linear_cross_entropy(
     if not (torch.is_grad_enabled() and needs_grad):
         with torch.no_grad():  # validation and evaluation: the same chunked loss, no gradients kept
             return _chunked(hidden, weight, bias, targets, chunk_rows, ignore_index, (False, False, False))[0]
-    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index, logit_grad)

@@ -31,7 +31,7 @@ import torch
 
 from tuneloop.data.render import IGNORE_INDEX
 from tuneloop.data.types import EncodedExample
-from tuneloop.train.batching import collate
+from tuneloop.train.batching import collate, trained_positions
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ def pack(
         "cu_seq_lens": cu_seq_lens,
         "max_length": max(lengths) if max_length is None else max_length,
         "pad_tokens": len(ids) - sum(lengths),
+        "trained_positions": trained_positions(labels.unsqueeze(0)),
     }
 
 
