@@ -19,13 +19,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Defined with a schema and one kernel for every backend rather than with ``torch.library.custom_op``, whose
+# Python dispatch layers cost 17 us a call against 3 us here (CPU). A compiled 8B forward pass calls it 224 times;
+# profiled on the H200 it took 15 ms of the host's 76 ms for a pass the GPU ran in 90 ms (the host must stay
+# ahead of the GPU, or the GPU waits). No autograd formula: it runs only where autograd does not record (inside
+# the fused linears' own forward and backward).
+torch.library.define(
+    "tuneloop::add_product_", "(Tensor(a!) out, Tensor left, Tensor right, float alpha) -> ()"
+)
 
-@torch.library.custom_op("tuneloop::add_product_", mutates_args=("out",))
-def _add_product_op(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+
+@torch.library.impl("tuneloop::add_product_", "CompositeExplicitAutograd")
+def _add_product_kernel(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
     out.addmm_(left, right, alpha=alpha)
 
 
-@_add_product_op.register_fake
+@torch.library.register_fake("tuneloop::add_product_")
 def _(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
     return None
 
@@ -33,7 +42,7 @@ def _(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) 
 def add_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> torch.Tensor:
     """``out += alpha * left @ right`` in place (cuBLAS's epilogue), compiled or not; returns ``out``."""
     if torch.compiler.is_compiling():
-        _add_product_op(out, left, right, alpha)
+        torch.ops.tuneloop.add_product_(out, left, right, alpha)
         return out
     return out.addmm_(left, right, alpha=alpha)
 
