@@ -3,7 +3,8 @@
 Builds the ``tuneloop`` stack of ``train_throughput.py`` (same model shape, workloads and fast path), runs the
 warm-up steps and one unprofiled step, then profiles two steps with ``torch.profiler`` and prints one JSON line:
 the compute stream's busy and elapsed milliseconds, its idle gaps by size, and which kernels end the gaps of
-0.3 ms or more (a kernel that starts a layer, ending many such gaps, means the host reaches that layer late).
+0.3 ms or more (a kernel that starts a layer, ending many such gaps, means the host reaches that layer late),
+the idle time in each 20 ms of the steps, and the host's synchronizing calls with the ops that made them.
 The profiler slows the host, so gaps are larger than in unprofiled steps; ``unprofiled_step_s`` is the reference.
 
     source bench/gpu_setup.sh && python3 bench/step_gaps.py --method qlora --budget-gib 7.02 --workload a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import sys
 import time
@@ -23,6 +25,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
 
 GAP_US = 20  # idle time between kernels below this is launch latency, not waiting
 LONG_GAP_US = 300
+BIN_US = 20_000
 
 
 def compute_stream_gaps(events: list, min_gap_us: float) -> tuple[list, list]:
@@ -44,6 +47,20 @@ def compute_stream_gaps(events: list, min_gap_us: float) -> tuple[list, list]:
             gaps.append((start - end, name))
         end = max(end, finish)
     return spans, gaps
+
+
+def host_waits(events: list) -> list[dict]:
+    """The host's synchronizing CUDA calls of the profiled steps, longest first: milliseconds waited and the ops
+    that made them (a wait mid-step empties the GPU's queue, which then idles while the host queues work again)."""
+    waits = []
+    for event in events:
+        if event.name in ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize"):
+            chain, parent = [], event.cpu_parent
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name[:60])
+                parent = parent.cpu_parent
+            waits.append({"ms": round(event.time_range.elapsed_us() / 1e3, 1), "in": " < ".join(chain)})
+    return sorted(waits, key=lambda w: -w["ms"])
 
 
 def main() -> int:
@@ -88,6 +105,12 @@ def main() -> int:
     for length, name in gaps:
         if length >= LONG_GAP_US:
             enders[name[:80]] += length
+    first = spans[0][0]
+    idle_per_bin = collections.Counter()  # where in the step the GPU waits: forward, head, backward
+    for previous, following in itertools.pairwise(spans):
+        if following[0] - previous[1] > GAP_US:
+            idle_per_bin[int((previous[1] - first) // BIN_US)] += following[0] - previous[1]
+    bins = int((spans[-1][1] - first) // BIN_US) + 1
     row = {
         "stack": "tuneloop", "method": args.method, "workload": args.workload, "budget_gib": args.budget_gib,
         "gpu": torch.cuda.get_device_name(), "unprofiled_step_s": round(unprofiled, 4), "profiled_steps": len(timed) - 1,
@@ -96,6 +119,8 @@ def main() -> int:
         "gap_ms_by_size": {k: round(v / 1e3, 1) for k, v in sizes.items()},
         "long_gaps": sum(1 for length, _ in gaps if length >= LONG_GAP_US),
         "long_gap_ms_by_ending_kernel": {k: round(v / 1e3, 1) for k, v in enders.most_common(6)},
+        "idle_ms_per_20_ms": [round(idle_per_bin[i] / 1e3, 1) for i in range(bins)],
+        "host_waits": host_waits(prof.events()),
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     return 0
