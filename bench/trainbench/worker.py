@@ -17,6 +17,7 @@ import gc
 import importlib
 import json
 import math
+import os
 import time
 import traceback
 from importlib import metadata
@@ -146,7 +147,12 @@ def measure(stack_name: str, method: str, workload: Any, args: Any, budget: floa
 
 
 def run(args: Any) -> int:
-    """Worker entry: the stack's first import (Unsloth) before anything imports transformers."""
+    """Worker entry: the stack's first import (Unsloth) before anything imports transformers; tuneloop's
+    process gets the CUDA allocator default ``tuneloop train`` sets (as Unsloth's import sets its own)."""
+    if args.stack == "tuneloop":
+        from tuneloop.cli.environment import default_cuda_allocator
+
+        default_cuda_allocator(os.environ)
     from trainbench.stacks import get_stack
 
     stack = get_stack(args.stack)

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tuneloop.cli import commands
 from tuneloop.cli.data import data_app
+from tuneloop.cli.environment import default_cuda_allocator
 from tuneloop.cli.estimate import estimate_command
 from tuneloop.cli.export import export_command
 from tuneloop.cli.serve import serve_command
@@ -35,7 +36,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 
 @app.callback()
 def _quiet_libraries() -> None:
-    """Keep third-party chatter (download bars, deprecation notes) out of the command's own output."""
+    """Keep third-party chatter (download bars, deprecation notes) out of the command's own output; set the
+    CUDA allocator's default before anything imports torch (:func:`default_cuda_allocator`)."""
+    default_cuda_allocator(os.environ)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
