@@ -64,11 +64,18 @@ def plan_checkpointing(memory: MemoryModel, budget_bytes: float) -> CheckpointPl
     everything = memory.at(memory.layers).peak
     offloaded = memory.at(memory.layers, offload=True).peak
     fits = fits_budget(offloaded, budget_bytes)
-    verdict = "fits" if fits else "still does NOT fit: expect out-of-memory"
+    # the prediction errs high (8B LoRA at a 16.67 GiB budget: 16.72 predicted, 16.38 allocated), so a budget
+    # that only the margin overruns is a risk, not a certainty
+    verdict = (
+        "fits"
+        if fits
+        else f"with the {RUNTIME_OVERHEAD_BYTES / GIB:.0f} GiB runtime overhead this does NOT fit the budget: "
+        "it may run out of memory"
+    )
     reason = (
         f"every layer checkpointed ({everything / GIB:.1f} GiB predicted) exceeds the budget of "
-        f"{budget_bytes / GIB:.1f} GiB: their inputs are offloaded to host memory, {offloaded / GIB:.1f} GiB "
-        f"predicted, {verdict}"
+        f"{budget_bytes / GIB:.2f} GiB: their inputs are offloaded to host memory, {offloaded / GIB:.2f} GiB "
+        f"predicted; {verdict}"
     )
     return CheckpointPlan(memory.layers, memory.layers, True, offloaded, budget_bytes, reason, fits)
 
