@@ -11,7 +11,7 @@ from tuneloop.train.batching import to_device
 from tuneloop.train.fast.attention import packed_attention
 from tuneloop.train.fast.linear_ce import compiled_logit_grad, fused_linear_cross_entropy
 from tuneloop.train.fast.packing import model_inputs, pack
-from tuneloop.train.loss import TrainedTokenLoss, _trained, head_loss
+from tuneloop.train.loss import TrainedTokenLoss, head_loss, trained_rows
 
 pytestmark = pytest.mark.gpu
 
@@ -60,7 +60,7 @@ def test_the_trained_token_gather_and_the_backward_pass_never_make_the_host_wait
         hidden = decoder(**inputs).last_hidden_state
         torch.cuda.set_sync_debug_mode("error")
         try:
-            rows, targets = _trained(hidden, batch["labels"], positions)
+            rows, targets = trained_rows(hidden, batch["labels"], positions)
             head_loss(head, rows, targets, module.chunk).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")

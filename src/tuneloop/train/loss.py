@@ -59,7 +59,12 @@ def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 
 def head_loss(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, *, logit_grad: LogitGrad | None = None
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    *,
+    logit_grad: LogitGrad | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk`` rows at a time.
 
@@ -70,8 +75,9 @@ def head_loss(
     path's elementwise step (default eager; :func:`~tuneloop.train.fast.linear_ce.compiled_logit_grad`).
     """
     if hidden.shape[0] > chunk and type(head) is nn.Linear:
+        step = logit_grad or loss_and_logit_grad
         return fused_linear_cross_entropy(
-            hidden, head.weight, targets, bias=head.bias, chunk_rows=chunk, logit_grad=logit_grad or loss_and_logit_grad
+            hidden, head.weight, targets, bias=head.bias, chunk_rows=chunk, logit_grad=step
         )
     return chunked_head_loss(head, hidden, targets, chunk)
 
@@ -125,24 +131,25 @@ class TrainedTokenLoss(nn.Module):
         count = (targets != IGNORE_INDEX).sum()
         if self.parts is None:
             logits = self.model(**inputs).logits
-            rows, picked = _trained(logits, labels, trained_positions)
+            rows, picked = trained_rows(logits, labels, trained_positions)
             loss = F.cross_entropy(rows.float(), picked, reduction="sum")
         else:
             decoder, head = self.parts
             hidden = decoder(**inputs).last_hidden_state
-            rows, picked = _trained(hidden, labels, trained_positions)
+            rows, picked = trained_rows(hidden, labels, trained_positions)
             loss = head_loss(head, rows, picked, self.chunk, logit_grad=self.logit_grad)
         return loss, count
 
 
-def _trained(
+def trained_rows(
     per_position: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_position`` (``[rows, length, ...]``) at the positions that predict a trained label, and those labels.
+    """``per_position`` (``[rows, length, ...]``) where it predicts a trained label, and those labels.
 
-    With ``positions`` (:func:`~tuneloop.train.batching.trained_positions`) it is an indexed gather. Without, a boolean mask on the
-    device, whose size the host must read back: it waits there for every layer queued before it, twice a
-    step (the gather, then its backward), and the GPU idles until the host has queued work again.
+    With ``positions`` (:func:`~tuneloop.train.batching.trained_positions`) it is an indexed gather. Without,
+    a boolean mask on the device, whose size the host must read back: it waits there for every layer queued
+    before it, twice a step (the gather, then its backward), and the GPU idles until the host has queued work
+    again.
     """
     if positions is None:
         keep = labels[:, 1:] != IGNORE_INDEX
