@@ -63,7 +63,7 @@ events = list(prof.profiler.kineto_results.events())
 spans, gaps = compute_stream_gaps(events, 0)
 buckets = collections.Counter()
 counts = collections.Counter()
-for g, _ in gaps:
+for g, *_ in gaps:
     k = (
         "<5us"
         if g < 5

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
 import sys
 import time
@@ -30,8 +29,8 @@ BIN_US = 20_000
 
 def compute_stream_gaps(events: list, min_gap_us: float) -> tuple[list, list]:
     """The compute stream's kernels as ``(start_us, end_us, name)``, sorted, and its idle gaps longer than
-    ``min_gap_us`` as ``(length_us, name of the kernel ending it)``. The compute stream is the one with the most
-    kernels (the offload copies run on another)."""
+    ``min_gap_us`` as ``(length_us, name of the kernel ending it, start_us)``. The compute stream is the one with
+    the most kernels (the offload copies run on another)."""
     import torch
 
     kernels = [e for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
@@ -44,7 +43,7 @@ def compute_stream_gaps(events: list, min_gap_us: float) -> tuple[list, list]:
     gaps, end = [], spans[0][1]
     for start, finish, name in spans[1:]:
         if start - end > min_gap_us:
-            gaps.append((start - end, name))
+            gaps.append((start - end, name, end))
         end = max(end, finish)
     return spans, gaps
 
@@ -99,17 +98,16 @@ def main() -> int:
 
     spans, gaps = compute_stream_gaps(list(prof.profiler.kineto_results.events()), GAP_US)
     sizes = collections.Counter()
-    for length, _ in gaps:
+    for length, *_ in gaps:
         sizes["under_0.1_ms" if length < 100 else "under_1_ms" if length < 1000 else "1_ms_or_more"] += length
     enders = collections.Counter()
-    for length, name in gaps:
+    for length, name, _ in gaps:
         if length >= LONG_GAP_US:
             enders[name[:80]] += length
     first = spans[0][0]
     idle_per_bin = collections.Counter()  # where in the step the GPU waits: forward, head, backward
-    for previous, following in itertools.pairwise(spans):
-        if following[0] - previous[1] > GAP_US:
-            idle_per_bin[int((previous[1] - first) // BIN_US)] += following[0] - previous[1]
+    for length, _, start in gaps:
+        idle_per_bin[int((start - first) // BIN_US)] += length
     bins = int((spans[-1][1] - first) // BIN_US) + 1
     row = {
         "stack": "tuneloop", "method": args.method, "workload": args.workload, "budget_gib": args.budget_gib,
@@ -117,7 +115,7 @@ def main() -> int:
         "compute_busy_ms": round(sum(b - a for a, b, _ in spans) / 1e3, 1),
         "compute_elapsed_ms": round((spans[-1][1] - spans[0][0]) / 1e3, 1),
         "gap_ms_by_size": {k: round(v / 1e3, 1) for k, v in sizes.items()},
-        "long_gaps": sum(1 for length, _ in gaps if length >= LONG_GAP_US),
+        "long_gaps": sum(1 for length, *_ in gaps if length >= LONG_GAP_US),
         "long_gap_ms_by_ending_kernel": {k: round(v / 1e3, 1) for k, v in enders.most_common(6)},
         "idle_ms_per_20_ms": [round(idle_per_bin[i] / 1e3, 1) for i in range(bins)],
         "host_waits": host_waits(prof.events()),
