@@ -3,12 +3,13 @@
 Builds a stack of ``train_throughput.py`` in this process (run Unsloth's with its peer folder on PYTHONPATH, and
 after a ``train_throughput.py`` run has written its checkpoint folder), runs the warm-up steps and two timed
 steps, then profiles one step and prints: the compute stream's kernel count, busy and elapsed milliseconds, its
-idle gaps by size, the 25 kernels taking the most time (with their counts), and the CUDA runtime calls.
+idle gaps by size, the 40 kernels taking the most time (with their counts), and the CUDA runtime calls.
 Comparing two stacks' kernel tables is how issue 7's QLoRA gap was found (results/kernel-profile-qlora-h200.txt).
 
     source bench/gpu_setup.sh
     python3 bench/kernel_profile.py tuneloop qlora 7.02
     PYTHONPATH=/tmp/peers/unsloth:$PYTHONPATH python3 bench/kernel_profile.py unsloth qlora 0
+    PYTHONPATH=/tmp/peers/unsloth:$PYTHONPATH python3 bench/kernel_profile.py unsloth lora 0 no-checkpointing
 """
 
 import collections
@@ -26,6 +27,7 @@ from trainbench.stacks import StackContext, get_stack
 from trainbench.workloads import build
 
 stack, method, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+checkpointing = sys.argv[4] if len(sys.argv) > 4 else None  # a mode of the stack's own (trainbench.stacks)
 shape = SHAPES["llama-3.1-8b"]
 wl = build("a", shape.vocab, 3, 3)
 ctx = StackContext(
@@ -35,6 +37,7 @@ ctx = StackContext(
     wl,
     budget,
     Path("/tmp/tuneloop-bench-checkpoint") if stack == "unsloth" else None,
+    checkpointing,
 )
 tr = get_stack(stack).build(ctx)
 warm = [tr.inputs(b) for b in wl.warmup]
@@ -48,6 +51,7 @@ for x in timed[:2]:
     tr.step(x)
     torch.cuda.synchronize()
     ts.append(time.perf_counter() - t)
+print("plan", tr.info.get("fast_path", {}).get("reasons") or tr.info)
 print(
     stack,
     method,
@@ -91,7 +95,7 @@ for s, f, n in spans:
     key = n[:70]
     by[key][0] += 1
     by[key][1] += (f - s) / 1e3
-for n, (c, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+for n, (c, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:40]:
     print(f"{ms:8.1f} ms {c:6d}  {n}")
 cpu = collections.defaultdict(lambda: [0, 0.0])
 for e in events:

@@ -14,6 +14,7 @@ of bench/trainbench/flops.py over the 989 TFLOP/s bf16 datasheet peak), ``gpu``,
 step times, first-step loss, versions. See bench/README.md for the stacks and the device command.
 
     python bench/train_throughput.py --out-dir OUT_DIR [--only unsloth:lora tuneloop:lora@unsloth-memory ...]
+    python bench/train_throughput.py --list                          # the job names, in the order they run
     python bench/train_throughput.py --dry-run --out-dir /tmp/tp     # CPU: tiny shape, hf+peft and tuneloop
 """
 
@@ -39,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", nargs="*", default=["a", "b"], choices=["a", "b"])
     p.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "tiny"])
     p.add_argument("--dry-run", action="store_true", help="tiny shape, hf+peft and tuneloop LoRA, few steps (CPU)")
+    p.add_argument("--list", action="store_true", help="print the job names in the order they run, and exit")
     p.add_argument("--peers-dir", type=Path, default=Path("/tmp/peers"), help="where bench/gpu_setup.sh unpacked")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/tuneloop-bench-checkpoint"))
     p.add_argument("--budget-seconds", type=float, default=540, help="no job starts after this many seconds")
@@ -54,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=_budget, action="append", help=argparse.SUPPRESS)
     p.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
     return p
@@ -61,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.list:
+        from trainbench.orchestrate import PLAN
+
+        print("\n".join(job.name for job in PLAN))
+        return 0
     if args.worker:
         from trainbench.worker import run
 

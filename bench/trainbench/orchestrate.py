@@ -34,13 +34,28 @@ SAME_MEMORY = "same memory as Unsloth: memory_budget_gib = Unsloth's measured pe
 
 @dataclass(frozen=True)
 class Job:
+    """One stack and method in one process. Its name is what ``--only`` takes and each row's ``job``:
+    ``unsloth:lora``, ``unsloth:lora@no-checkpointing`` (a mode of the stack's own, ``Stack.checkpointing``),
+    ``tuneloop:lora@unsloth-memory`` (budget = ``unsloth:lora``'s peak), ``tuneloop:lora@unsloth-no-checkpointing-memory``.
+    """
+
     stack: str
     method: str
     budget_from: str | None = None  # a job name whose peak_gib per workload becomes this job's memory budget
+    checkpointing: str | None = None  # one of STACKS[stack].checkpointing; None: the stack's default
+
+    def __post_init__(self) -> None:
+        if self.checkpointing and self.checkpointing not in STACKS[self.stack].checkpointing:
+            raise ValueError(f"{self.stack} has no checkpointing mode {self.checkpointing!r}")
 
     @property
     def name(self) -> str:
-        return f"{self.stack}:{self.method}" + ("@unsloth-memory" if self.budget_from else "")
+        name = f"{self.stack}:{self.method}" + (f"@{self.checkpointing}" if self.checkpointing else "")
+        if self.budget_from:
+            budget_stack = self.budget_from.partition(":")[0]
+            budget_mode = self.budget_from.partition("@")[2]
+            name += f"@{budget_stack}{'-' + budget_mode if budget_mode else ''}-memory"
+        return name
 
 
 PLAN = (  # LoRA comparisons first (they decide issue 7's main targets), each tuneloop job after its Unsloth job
@@ -52,6 +67,11 @@ PLAN = (  # LoRA comparisons first (they decide issue 7's main targets), each tu
     Job("hf+peft+liger", "lora"),
     Job("hf+peft", "qlora"),
     Job("tuneloop", "lora"),
+    # Unsloth keeping every activation (the memory of the issue's reference row), tuneloop held to its peak
+    Job("unsloth", "lora", checkpointing="no-checkpointing"),
+    Job("tuneloop", "lora", budget_from="unsloth:lora@no-checkpointing"),
+    Job("unsloth", "lora", checkpointing="every-layer"),
+    Job("tuneloop", "lora", budget_from="unsloth:lora@every-layer"),
 )
 DRY_RUN = ("hf+peft:lora", "tuneloop:lora")
 
@@ -156,6 +176,8 @@ def run_job(job: Job, args: Any, recorder: Recorder, deadline: float, checkpoint
                    "--warmup-b", str(args.warmup_b), "--timed-b", str(args.timed_b)]  # fmt: skip
         if checkpoint is not None and stack.needs_checkpoint:
             command += ["--checkpoint", str(checkpoint)]
+        if job.checkpointing:
+            command += ["--checkpointing", job.checkpointing]
         for name, gib in budgets.items():
             command += ["--budget", f"{name}={gib}"]
         rc, output, seconds = run_process(command, child_env(peers), min(args.job_timeout, remaining))

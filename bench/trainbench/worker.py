@@ -63,7 +63,8 @@ def measure(stack_name: str, method: str, workload: Any, args: Any, budget: floa
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     left_over = torch.cuda.memory_allocated() if cuda else 0  # from an earlier workload of this process; 0 if freed
-    ctx = StackContext(shape, device, method, workload, budget, Path(args.checkpoint) if args.checkpoint else None)
+    checkpoint_folder = Path(args.checkpoint) if args.checkpoint else None
+    ctx = StackContext(shape, device, method, workload, budget, checkpoint_folder, args.checkpointing)
     started = time.perf_counter()
     trainer = get_stack(stack_name).build(ctx)
     build_s = time.perf_counter() - started

@@ -173,3 +173,32 @@ def test_deadline_skips_jobs_with_a_row_saying_so(tmp_path: Path) -> None:
     orchestrate.run_job(orchestrate.Job("hf+peft", "lora"), args, recorder, deadline=0.0, checkpoint=None)
     rows = [json.loads(line) for line in recorder.results.read_text().splitlines()]
     assert len(rows) == 2 and all(r["error"].startswith("skipped:") for r in rows)
+
+
+def test_checkpointing_modes_name_their_jobs_and_their_memory_matches() -> None:
+    unsloth = orchestrate.Job("unsloth", "lora", checkpointing="no-checkpointing")
+    held = orchestrate.Job("tuneloop", "lora", budget_from=unsloth.name)
+    assert unsloth.name == "unsloth:lora@no-checkpointing"
+    assert held.name == "tuneloop:lora@unsloth-no-checkpointing-memory"
+    assert orchestrate.Job("tuneloop", "lora", budget_from="unsloth:lora").name == "tuneloop:lora@unsloth-memory"
+    names = [job.name for job in orchestrate.PLAN]
+    assert len(names) == len(set(names))
+    for job in orchestrate.PLAN:  # every budget comes from a job that runs before it
+        assert job.budget_from is None or names.index(job.budget_from) < names.index(job.name)
+    with pytest.raises(ValueError, match="no checkpointing mode 'none'"):
+        orchestrate.Job("hf+peft", "lora", checkpointing="none")
+
+
+def test_a_checkpointing_mode_reaches_the_stack_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+
+    def fake_process(command: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, float]:
+        commands.append(command)
+        return 0, "", 0.0
+
+    monkeypatch.setattr(orchestrate, "run_process", fake_process)
+    (tmp_path / "peers" / "unsloth").mkdir(parents=True)
+    args = _args(tmp_path, peers_dir=tmp_path / "peers", workloads=["a"])
+    job = orchestrate.Job("unsloth", "lora", checkpointing="every-layer")
+    orchestrate.run_job(job, args, orchestrate.Recorder(tmp_path), deadline=1e12, checkpoint=tmp_path)
+    assert commands and commands[0][commands[0].index("--checkpointing") + 1] == "every-layer"
