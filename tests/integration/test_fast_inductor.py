@@ -13,6 +13,7 @@ import torch
 
 from tests.unit.test_fast_compile import batches, build, step
 from tuneloop.train.fast import apply_fast_path
+from tuneloop.train.fast.memory import decoder_layers
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,3 +46,48 @@ def test_inductor_compiled_logit_grad_matches_eager_on_cpu():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
     for got, want in zip(grads_of(compiled, hidden, weight, bias), grads_of(eager, hidden, weight, bias)):
         torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-4)
+
+
+def _saved_bytes_and_step(model, batch, layer, backend):
+    """Bytes one compiled decoder layer saves for its backward pass, and the training step's loss and gradients."""
+    from tuneloop.train.fast.fused import fused_layers_for
+
+    saved: list[int] = []
+    recording = {"on": False}
+
+    def pack(tensor):
+        if recording["on"] and not isinstance(tensor, torch.nn.Parameter):
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    layer.register_forward_pre_hook(lambda *_: recording.update(on=True))
+    layer.register_forward_hook(lambda *_: recording.update(on=False))
+    layer.compile(backend=backend, dynamic=True)
+    with fused_layers_for(model, "compile"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = step(model, batch)
+    return sum(saved), result
+
+
+def test_compiled_layers_recompute_elementwise_results_instead_of_saving_them(tiny_config, tiny_model_dir, tiny_tokenizer):
+    """The default partitioner saves SwiGLU's product and the normed inputs (matmuls read them in the backward
+    pass); the layers' backend recomputes them from what it saves anyway. Same loss and gradients."""
+    from torch._dynamo import lookup_backend
+
+    from tuneloop.train.fast.compile import CompileOptions, inductor_recomputing_elementwise
+
+    assert CompileOptions(backend="inductor").compiler() is inductor_recomputing_elementwise
+    config = tiny_config(lora_dropout=0.0)
+    batch = batches(tiny_tokenizer, sizes=(4,))[0]
+    runs = {}
+    for name, backend in (("default", lookup_backend("inductor")), ("recompute", inductor_recomputing_elementwise)):
+        torch._dynamo.reset()
+        model = build(tiny_model_dir, config)
+        runs[name] = _saved_bytes_and_step(model, batch, decoder_layers(model)[1], backend)
+    (default, reference), (lean, result) = runs["default"], runs["recompute"]
+    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    tokens = batch["input_ids"].numel()
+    # at least SwiGLU's product (fp32 here) and one normed input fewer
+    assert default - lean >= tokens * (intermediate + hidden) * 4, (default, lean)
+    assert result[0] == pytest.approx(reference[0], rel=1e-5)
+    for name, grad in result[1].items():
+        torch.testing.assert_close(grad, reference[1][name], rtol=1e-4, atol=1e-6)

@@ -179,3 +179,30 @@ def test_auto_on_cpu_uses_plain_attention_for_short_sequences(tiny_model_dir, ti
     assert report.kernels == "fused"
     assert model.get_base_model().config._attn_implementation == expected
     assert ("plain matmul" in report.reasons[1]) == (expected == "eager")
+
+
+def test_inductor_compiles_with_the_recompute_switch_lifted_for_that_compilation_only(monkeypatch):
+    """``kernels: compile``'s Inductor runs with one partitioner heuristic off while it compiles (the memory
+    estimate's compiled factor was measured so); other backends are handed over as given. The switch must
+    exist in the installed torch: an upgrade that drops it fails here, not as a silent 5 GiB more at 8B."""
+    from torch._functorch import config as functorch_config
+
+    from tuneloop.train.fast import compile as fast_compile
+    from tuneloop.train.fast.compile import CompileOptions, elementwise_recompute_available, inductor_recomputing_elementwise
+
+    assert elementwise_recompute_available()
+    flag = fast_compile.ELEMENTWISE_RECOMPUTE_FLAG
+    seen = []
+
+    def fake_inductor(graph, example_inputs):
+        seen.append(getattr(functorch_config, flag))
+        return "compiled"
+
+    monkeypatch.setattr(torch._dynamo, "lookup_backend", lambda name: fake_inductor if name == "inductor" else None)
+    before = getattr(functorch_config, flag)
+    assert inductor_recomputing_elementwise(None, []) == "compiled"
+    assert seen == [False] and getattr(functorch_config, flag) == before
+    assert CompileOptions(backend="inductor").compiler() is inductor_recomputing_elementwise
+    assert CompileOptions(backend="inductor").compiler(checkpointed=True) == "inductor"
+    assert CompileOptions(backend="aot_eager").compiler() == "aot_eager"
+    assert CompileOptions(backend=fake_inductor).compiler() is fake_inductor

@@ -155,7 +155,7 @@ def test_compiled_layers_save_less_so_auto_checkpoints_fewer(tiny_config, llama8
     assert compiled.layer_activations == pytest.approx(COMPILED_ACTIVATION_FACTOR * eager.layer_activations, rel=1e-6)
     assert compiled.at(0).peak < eager.at(0).peak
     assert compiled.at(32).peak == eager.at(32).peak  # a recomputed layer is counted at its eager size
-    budget = 30.5 * GIB
+    budget = 25 * GIB
     fewer, more = plan_checkpointing(compiled, budget), plan_checkpointing(eager, budget)
     assert 0 < fewer.checkpointed_layers < more.checkpointed_layers
     assert memory_model(config, llama8b)[0] == compiled  # kernels: compile counts compiled layers by default

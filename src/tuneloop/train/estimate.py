@@ -63,15 +63,16 @@ _PER_LAYER = {
     "full": (28.034, 7.883, 8.403, 0.0, 841.6),
 }
 # Decoder layers compiled by ``kernels: compile`` save fewer activations: Inductor's min-cut partitioner recomputes
-# element-wise results (norms, RoPE, SwiGLU, LoRA scaling) in the backward pass instead of saving them. Measured on
-# the H200 by bench/fast_path_probe.py (Llama-3.1-8B shape, LoRA r16 all-linear, no dropout, bf16, 2 x 2048
-# tokens, fused head): compiled with no layer checkpointed peaked at 34.4 GiB; less the static terms, logits and
-# edges of this model (16.49 GiB) that is 17.91 GiB for 32 layers, 0.560 GiB per layer, against 0.951 GiB from the
-# eager coefficients: a factor of 0.589. One measured shape and method: the factor scales every eager coefficient
-# set alike until bench/activation_probe.py fits compiled layers of their own. The recompute of one checkpointed
-# layer is *not* smaller: compiled, every layer checkpointed peaked at 17.63 GiB, which the eager coefficients
-# predict (17.66 GiB), so a recomputed layer is counted with the eager coefficients.
-COMPILED_ACTIVATION_FACTOR = 0.589
+# element-wise results (norms, RoPE, SwiGLU, LoRA scaling) in the backward pass instead of saving them, also those
+# the backward's matmuls read (tuneloop.train.fast.compile.inductor_recomputing_elementwise). Measured on the H200
+# by bench/kernel_profile.py (Llama-3.1-8B shape, LoRA r16 all-linear, no dropout, bf16, 2 x 2048 tokens, fused
+# head, torch 2.11): compiled with no layer checkpointed peaked at 27.82 GiB; less the static terms, logits and
+# edges of this model (16.49 GiB) that is 11.33 GiB for 32 layers, 0.354 GiB per layer, against 0.951 GiB from the
+# eager coefficients: a factor of 0.372 (0.554 under Inductor's default partitioner: 33.36 GiB). One measured
+# shape and method: the factor scales every eager coefficient set alike until bench/activation_probe.py fits
+# compiled layers of their own. The recompute of one checkpointed layer is *not* counted smaller: compiled, every
+# layer checkpointed peaked at 17.63 GiB, which the eager coefficients predict (17.66 GiB).
+COMPILED_ACTIVATION_FACTOR = 0.372
 # With gradient checkpointing each layer keeps only its input hidden state: bf16, or fp32 for full fine-tuning
 # (fp32 master weights make the residual stream fp32). Exact: counted with saved-tensor hooks, any width.
 _CHECKPOINTED_BYTES_PER_HIDDEN = {"full": 4, "adapter": 2}
