@@ -188,7 +188,11 @@ def test_inductor_compiles_with_the_recompute_switch_lifted_for_that_compilation
     from torch._functorch import config as functorch_config
 
     from tuneloop.train.fast import compile as fast_compile
-    from tuneloop.train.fast.compile import CompileOptions, elementwise_recompute_available, inductor_recomputing_elementwise
+    from tuneloop.train.fast.compile import (
+        CompileOptions,
+        elementwise_recompute_available,
+        inductor_recomputing_elementwise,
+    )
 
     assert elementwise_recompute_available()
     flag = fast_compile.ELEMENTWISE_RECOMPUTE_FLAG
