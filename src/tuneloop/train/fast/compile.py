@@ -156,7 +156,7 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
             layer.compile(backend=compiler, dynamic=options.dynamic)
     backend = options.backend if isinstance(options.backend, str) else getattr(options.backend, "__name__", "custom")
     if lean:
-        backend += f"; {lean} uncheckpointed recompute element-wise results in backward"
+        backend += f"; {lean} uncheckpointed layers recompute element-wise results in backward"
     return KernelOutcome("compile", len(layers), f"{len(layers)} decoder layers compiled ({backend}, dynamic={options.dynamic})")
 
 
