@@ -151,7 +151,7 @@ def compile_layers(model: Any, layers: list[nn.Module], device: torch.device, op
     lean = 0
     for layer in layers:
         if not getattr(getattr(layer, "_gradient_checkpointing_func", None), "compiles_layer", False):
-            compiler = options.compiler(checkpointed=bool(getattr(layer, "gradient_checkpointing", False)))
+            compiler = options.compiler(checkpointed=_is_checkpointed(layer))
             lean += compiler is inductor_recomputing_elementwise
             layer.compile(backend=compiler, dynamic=options.dynamic)
     backend = options.backend if isinstance(options.backend, str) else getattr(options.backend, "__name__", "custom")
@@ -208,6 +208,11 @@ def get_kernel_choice(name: str) -> KernelChoice:
         raise KeyError(f"unknown kernels {name!r}; known: {', '.join(sorted(KERNELS))}") from None
 
 
+def _is_checkpointed(layer: nn.Module) -> bool:
+    """transformers' per-layer checkpointing flag (set by the plan, ``fast/memory.py``)."""
+    return bool(getattr(layer, "gradient_checkpointing", False))
+
+
 def _is_quantized(layer: nn.Module) -> bool:
     return any(is_bitsandbytes_module(m) for m in layer.modules())
 
@@ -249,12 +254,12 @@ def _probe(model: Any, layers: list[nn.Module], device: torch.device, options: C
             inputs = _capture_layer_inputs(model, layers, device, options)
             first_of_kind: dict[tuple[bool, bool], int] = {}
             for index, layer in enumerate(layers):
-                kind = (bool(getattr(layer, "gradient_checkpointing", False)), inputs[index][0][0].requires_grad)
+                kind = (_is_checkpointed(layer), inputs[index][0][0].requires_grad)
                 first_of_kind.setdefault(kind, index)
-            for index in sorted(first_of_kind.values()):
+            for (checkpointed, _), index in sorted(first_of_kind.items(), key=lambda kind_index: kind_index[1]):
                 args, kwargs = inputs[index]
                 kwargs = _fresh_caches(kwargs, model)
-                compiler = options.compiler(checkpointed=bool(getattr(layers[index], "gradient_checkpointing", False)))
+                compiler = options.compiler(checkpointed=checkpointed)
                 probe = torch.compile(layers[index], backend=compiler, dynamic=options.dynamic)
                 hidden = args[0].detach().requires_grad_(args[0].requires_grad)
                 with _autocast(device, options.autocast_dtype):
